@@ -1,0 +1,99 @@
+"""User-facing options of the llmopt backend, as one validated dataclass.
+
+``torch.compile(model, backend="llmopt", options={...})`` hands its ``options``
+dict to the backend, which turns it into an :class:`LLMOptConfig` here. Every
+key and value is checked so that a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Lowering targets the rewritten graph can be handed to. "tensorrt" and "onnx"
+# are named so that the error for them is specific; they are not built yet.
+LOWERING_TARGETS = ("inductor", "eager", "tensorrt", "onnx")
+AVAILABLE_LOWERING_TARGETS = ("inductor", "eager")
+
+
+class LLMOptConfigError(ValueError):
+    """A bad option passed to the llmopt backend."""
+
+
+@dataclass(frozen=True)
+class LLMOptConfig:
+    """Options of the llmopt backend.
+
+    Attributes:
+        lower: where the rewritten graph goes: ``"inductor"`` (default) hands
+            it to ``torch._inductor.compile_fx``; ``"eager"`` runs it as is.
+        strict: if True, a pass or lowering that fails raises; by default it
+            warns and the graph runs without that step.
+        attention: rewrite attention regions to ``llmopt::attention``.
+        disable_passes: names of pipeline passes to skip.
+        verify: after each pass, re-run the graph on fake tensors and check
+            its outputs keep their shapes and dtypes; a pass that breaks
+            this is undone (or raises, with ``strict``).
+    """
+
+    lower: str = "inductor"
+    strict: bool = False
+    attention: bool = True
+    disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("lower", self.lower, LOWERING_TARGETS)
+        if self.lower not in AVAILABLE_LOWERING_TARGETS:
+            raise LLMOptConfigError(
+                f"option 'lower': target {self.lower!r} is not available in this "
+                f"version of llmopt; choose one of {_quoted(AVAILABLE_LOWERING_TARGETS)}"
+            )
+        for name in ("strict", "attention", "verify"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise LLMOptConfigError(f"option {name!r} must be True or False, got {value!r}")
+        disabled = self.disable_passes
+        if isinstance(disabled, str) or not all(isinstance(p, str) for p in disabled):
+            raise LLMOptConfigError(
+                f"option 'disable_passes' must be a list of pass names, got {disabled!r}"
+            )
+        object.__setattr__(self, "disable_passes", tuple(disabled))
+        from llmopt.rewriter.pipeline import pass_names  # late: pipeline imports passes
+
+        for name in self.disable_passes:
+            _check_choice("disable_passes", name, pass_names())
+
+    @classmethod
+    def from_options(cls, options: "Mapping[str, Any] | LLMOptConfig | None") -> "LLMOptConfig":
+        """Build a config from what ``torch.compile(options=...)`` passed."""
+        if options is None:
+            return cls()
+        if isinstance(options, LLMOptConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise LLMOptConfigError(
+                f"llmopt options must be a dict, got {type(options).__name__}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                raise LLMOptConfigError(
+                    f"unknown llmopt option {key!r}; valid options are {_quoted(known)}"
+                )
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> "LLMOptConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(option: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise LLMOptConfigError(
+            f"option {option!r} got {value!r}; valid choices are {_quoted(choices)}"
+        )
+
+
+def _quoted(names) -> str:
+    return ", ".join(repr(n) for n in names)

@@ -1,0 +1,144 @@
+"""Small helpers for reading the graph Dynamo hands the backend.
+
+Dynamo's graph is torch-level: one op has several spellings (``torch.matmul``,
+``operator.matmul``, ``Tensor.matmul`` as a method call). Rather than rewrite
+every node into one spelling first, passes ask :func:`is_op`, which knows the
+spellings of each op they care about.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# op name -> (callables for call_function, method names for call_method)
+OP_SPELLINGS: dict[str, tuple[frozenset, frozenset]] = {
+    "sdpa": (frozenset({F.scaled_dot_product_attention}), frozenset()),
+    "matmul": (frozenset({torch.matmul, operator.matmul}), frozenset({"matmul", "__matmul__"})),
+    "bmm": (frozenset({torch.bmm}), frozenset({"bmm"})),
+    "softmax": (frozenset({torch.softmax, F.softmax, torch.nn.functional.softmax}), frozenset({"softmax"})),
+    "transpose": (frozenset({torch.transpose}), frozenset({"transpose"})),
+    "expand": (frozenset(), frozenset({"expand"})),
+    "reshape": (frozenset({torch.reshape}), frozenset({"reshape", "view"})),
+    "unsqueeze": (frozenset({torch.unsqueeze}), frozenset({"unsqueeze"})),
+    "repeat_interleave": (frozenset({torch.repeat_interleave}), frozenset({"repeat_interleave"})),
+    "repeat": (frozenset(), frozenset({"repeat"})),
+    "getitem": (frozenset({operator.getitem}), frozenset({"__getitem__"})),
+}
+
+
+def is_op(node: Any, name: str) -> bool:
+    """True if ``node`` calls the op ``name`` in any of its spellings."""
+    if not isinstance(node, Node):
+        return False
+    functions, methods = OP_SPELLINGS[name]
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def op_name(node: Node) -> str:
+    """A short, stable name for the op a node calls (for op counts)."""
+    for name, (functions, methods) in OP_SPELLINGS.items():
+        if is_op(node, name):
+            return name
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target).replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def count_ops(graph: Graph) -> Counter:
+    return Counter(
+        op_name(n) for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+    )
+
+
+def fake_value(node: Any) -> Any:
+    """Dynamo's example value (a FakeTensor, SymInt, ...) of a node, or None."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return None
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """True only if ``a == b`` is provable without adding a guard."""
+    return bool(statically_known_true(a == b))
+
+
+def shape_is(value: Any, expected: Iterable[Any]) -> bool:
+    expected = tuple(expected)
+    if not isinstance(value, torch.Tensor) or value.dim() != len(expected):
+        return False
+    return all(known_equal(a, b) for a, b in zip(value.shape, expected))
+
+
+def static_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is one (or a SymInt with a known value)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        known = value.node.maybe_as_int()
+        return int(known) if known is not None else None
+    return None
+
+
+def normalize_source(text: str) -> str:
+    """Turn Dynamo's source spellings into a dotted module path.
+
+    ``L['self']._modules['model']._modules['layers']._modules['0']`` and
+    ``L['self'].model.layers[0]`` both become ``model.layers.0``.
+    """
+    text = re.sub(r"^L\['([^']*)'\]", r"\1", text)
+    text = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", text)
+    text = re.sub(r"\['([^']*)'\]", r".\1", text)
+    text = re.sub(r"\[(\d+)\]", r".\1", text)
+    if text == "self":
+        return ""
+    return text[len("self."):] if text.startswith("self.") else text
+
+
+def module_path(node: Node) -> str:
+    """The innermost module (dotted path in the user's model) a node came from."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    path = list(stack.values())[-1][0]
+    return normalize_source(path) or "<top>"
+
+
+def placeholder_sources(graph: Graph) -> dict[str, str]:
+    """Placeholder name -> module path, for placeholders that are parameters or buffers."""
+    sources = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if source is None:
+            continue
+        name = source.name
+        name = name() if callable(name) else name
+        if "_parameters[" in name or "_buffers[" in name:
+            sources[node.name] = normalize_source(name)
+    return sources
+
+
+def copy_location_meta(src: Node, dst: Node) -> None:
+    """Give a new node the provenance of the node it replaces."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]

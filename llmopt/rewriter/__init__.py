@@ -1,0 +1,1 @@
+"""The torch.compile backend: capture, pass pipeline, report, fallback."""
