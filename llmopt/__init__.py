@@ -13,6 +13,16 @@ from llmopt.rewriter.report import Report
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # Submodules that pull in transformers load on first use, so that
+    # torch.compile(backend="llmopt") stays quick to import.
+    if name in ("models", "runtime"):
+        import importlib
+
+        return importlib.import_module(f"llmopt.{name}")
+    raise AttributeError(f"module 'llmopt' has no attribute {name!r}")
+
 __all__ = [
     "LLMOptConfig",
     "LLMOptConfigError",

@@ -58,6 +58,10 @@ def test_attention_op_registration_is_consistent():
     mask = torch.ones(1, 1, 5, 6, dtype=torch.bool)
     torch.library.opcheck(torch.ops.llmopt.attention.default, (q, k, v, mask, None, 0.3))
     torch.library.opcheck(torch.ops.llmopt.attention.default, (q, k, v, None, 1, None))
+    # Non-contiguous inputs (heads transposed out of (B, L, H, D)): results must
+    # still have the strides the fake kernel promises.
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.llmopt.attention.default, (qt, kt, vt, None, 0, None))
 
 
 def test_attention_fp32_against_fp64():

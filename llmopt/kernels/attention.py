@@ -203,7 +203,8 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offse
         attn_mask=mask,
         scale=scale,
     )
-    return dq.reshape(q.shape), dk, dv
+    # Fake kernels promise contiguous results; the CPU kernel follows the inputs' layout.
+    return dq.reshape(q.shape).contiguous(), dk.contiguous(), dv.contiguous()
 
 
 # ----------------------------------------------------------------------------- reference

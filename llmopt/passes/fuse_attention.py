@@ -1,59 +1,33 @@
-"""Rewrite attention regions to one ``llmopt::attention`` call each.
+"""Rewrite each proven attention region to one ``llmopt::attention`` call.
 
-Anchors on each ``F.scaled_dot_product_attention`` call, proves its
-arguments from the graph (constant dropout, causal flag and scale; 4-D
-q/k/v; mask dtype), and, where the key and value heads were repeated for
-GQA/MQA just before the call, feeds the unrepeated tensors to the kernel,
-which reads shared heads natively. The repeat nodes become dead and are
-removed by the dead-code pass. Anything not proven is left as it was, with
-the reason recorded.
+The matchers in :mod:`llmopt.passes.attention_match` find and prove the
+regions (SDPA calls and hand-written matmul/softmax attention, with their
+GQA/MQA head repeats); this pass builds the fused call in their place. The
+nodes it replaces (repeats, scores, softmax) become dead and are removed by
+the dead-code pass. Whatever is not proven is left as it was, with the reason
+recorded in the report.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 import llmopt.kernels.attention  # noqa: F401  (registers llmopt::attention)
-from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import (
-    copy_location_meta,
-    fake_value,
-    is_op,
-    known_equal,
-    module_path,
-    shape_is,
-    static_int,
+from llmopt.passes.attention_match import (
+    AttentionSite,
+    NotProven,
+    is_last_dim_softmax,
+    match_sdpa,
+    match_softmax_attention,
 )
+from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
+from llmopt.passes.graph_utils import copy_location_meta, fake_value, is_op, module_path
 
 KIND = "attention"
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-
-
-class NotProven(Exception):
-    """A candidate site whose rewrite could not be proven safe."""
-
-
-@dataclass
-class AttentionSite:
-    """A proven attention region, ready to become one llmopt::attention call."""
-
-    anchor: Node
-    query: Node
-    key: Node
-    value: Node
-    mask: Optional[Node]
-    causal_offset: Optional[int]
-    scale: Optional[float]
-    q_heads: int
-    kv_heads: int
-    repeat_removed: str  # how the KV heads had been repeated, or ""
-    form: str  # "sdpa"
 
 
 class FuseAttention(GraphPass):
@@ -65,210 +39,110 @@ class FuseAttention(GraphPass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in list(gm.graph.nodes):
-            if not is_op(node, "sdpa"):
+            if node.graph is not gm.graph or node not in gm.graph.nodes:
                 continue
+            if is_op(node, "sdpa"):
+                matcher, label = match_sdpa, "sdpa"
+            elif is_last_dim_softmax(node):
+                matcher, label = match_softmax_attention, "softmax"
+            else:
+                continue
+            location = module_path(node)
             try:
-                site = match_sdpa(node)
+                site = matcher(node)
             except NotProven as why:
-                result.skipped.append(Skipped(KIND, module_path(node), f"sdpa: {why}"))
+                result.skipped.append(Skipped(KIND, location, f"{label}: {why}"))
                 continue
-            replace_with_attention(gm, site)
-            result.rewrites.append(Rewrite(KIND, module_path(node), describe(site)))
+            replace_with_attention(gm.graph, site)
+            result.rewrites.append(Rewrite(KIND, location, describe(site)))
         return result
 
 
-def match_sdpa(node: Node) -> AttentionSite:
-    args = _bind_sdpa(node)
-    query, key, value = args["query"], args["key"], args["value"]
-    q, k, v = (fake_value(x) for x in (query, key, value))
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        raise NotProven("q/k/v shapes are unknown")
-    if not (q.dim() == k.dim() == v.dim() == 4):
-        raise NotProven(f"q/k/v are {q.dim()}-D; only (batch, heads, seq, head_dim) is handled")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise NotProven(f"q/k/v dtypes differ or are not floating ({q.dtype}, {k.dtype}, {v.dtype})")
-
-    dropout_p = args["dropout_p"]
-    if not isinstance(dropout_p, (int, float)):
-        raise NotProven("dropout_p is not a constant")
-    if dropout_p != 0:
-        raise NotProven(f"dropout_p={dropout_p} (attention dropout is not fused yet)")
-    is_causal = args["is_causal"]
-    if not isinstance(is_causal, bool):
-        raise NotProven("is_causal is not a constant")
-    scale = args["scale"]
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise NotProven("scale is not a constant")
-    enable_gqa = args["enable_gqa"]
-    if not isinstance(enable_gqa, bool):
-        raise NotProven("enable_gqa is not a constant")
-
-    head_dim = q.shape[-1]
-    if not (known_equal(k.shape[-1], head_dim) and known_equal(v.shape[-1], head_dim)):
-        raise NotProven("value/key head dim differs from the query's")
-    if not known_equal(k.shape[0], q.shape[0]) or not shape_is(v, k.shape):
-        raise NotProven("batch or key/value shapes do not line up")
-
-    mask = args["attn_mask"]
-    if mask is not None:
-        m = fake_value(mask)
-        if not isinstance(m, torch.Tensor):
-            raise NotProven("attn_mask is not a tensor")
-        if m.dim() > 4 or not (m.dtype == torch.bool or m.dtype.is_floating_point):
-            raise NotProven(f"attn_mask of dtype {m.dtype} and rank {m.dim()} is not handled")
-        if m.requires_grad:
-            raise NotProven("attn_mask requires grad (a learned bias); its gradient is not computed")
-        if is_causal:
-            raise NotProven("both attn_mask and is_causal are set")
-
-    q_heads, kv_heads = static_int(q.shape[1]), static_int(k.shape[1])
-    if q_heads is None or kv_heads is None:
-        raise NotProven("head counts are not static")
-    if q_heads % kv_heads != 0:
-        raise NotProven(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
-    if q_heads != kv_heads and not enable_gqa:
-        raise NotProven("query and key/value head counts differ without enable_gqa")
-
-    repeat_removed = ""
-    unrepeated_key, key_repeat = unrepeat_kv_heads(key)
-    unrepeated_value, value_repeat = unrepeat_kv_heads(value)
-    if key_repeat and key_repeat == value_repeat:
-        key, value = unrepeated_key, unrepeated_value
-        kv_heads = static_int(fake_value(key).shape[1])
-        repeat_removed = key_repeat[0]
-
-    return AttentionSite(
-        anchor=node,
-        query=query,
-        key=key,
-        value=value,
-        mask=mask,
-        causal_offset=0 if is_causal else None,
-        scale=None if scale is None else float(scale),
-        q_heads=q_heads,
-        kv_heads=kv_heads,
-        repeat_removed=repeat_removed,
-        form="sdpa",
-    )
-
-
-def _bind_sdpa(node: Node) -> dict[str, Any]:
-    bound = dict(_SDPA_DEFAULTS)
-    if len(node.args) > len(_SDPA_PARAMS):
-        raise NotProven("unexpected positional arguments")
-    bound.update(zip(_SDPA_PARAMS, node.args))
-    for name, value in node.kwargs.items():
-        if name not in _SDPA_PARAMS:
-            raise NotProven(f"unknown argument {name!r}")
-        bound[name] = value
-    return bound
-
-
-def unrepeat_kv_heads(node: Any) -> tuple[Any, Optional[tuple[str, int]]]:
-    """If ``node`` repeats the heads of a (B, Hkv, L, D) tensor so that head
-    ``h`` copies head ``h // n``, return ``(source, (spelling, n))``; else
-    ``(node, None)``. Proven from the op chain and the shapes."""
-    out = fake_value(node)
-    if not isinstance(out, torch.Tensor) or out.dim() != 4:
-        return node, None
-
-    # x.repeat_interleave(n, dim=1)
-    if is_op(node, "repeat_interleave"):
-        source = node.args[0]
-        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        x = fake_value(source)
-        if (
-            isinstance(repeats, int)
-            and dim in (1, -3)
-            and not node.kwargs.get("output_size")
-            and isinstance(x, torch.Tensor)
-            and shape_is(out, (x.shape[0], x.shape[1] * repeats, x.shape[2], x.shape[3]))
-        ):
-            return source, ("repeat_interleave", repeats)
-        return node, None
-
-    # x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv * n, L, D)
-    if not is_op(node, "reshape"):
-        return node, None
-    expanded = node.args[0]
-    if not is_op(expanded, "expand"):
-        return node, None
-    unsqueezed = expanded.args[0]
-    e, u = fake_value(expanded), fake_value(unsqueezed)
-    if not (isinstance(e, torch.Tensor) and isinstance(u, torch.Tensor) and e.dim() == u.dim() == 5):
-        return node, None
-    source = _unsqueezed_at_2(unsqueezed)
-    x = fake_value(source)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        return node, None
-    batch, kv_heads, length, head_dim = x.shape
-    n_rep = static_int(e.shape[2])
-    if n_rep is None:
-        return node, None
-    if (
-        shape_is(u, (batch, kv_heads, 1, length, head_dim))
-        and shape_is(e, (batch, kv_heads, n_rep, length, head_dim))
-        and shape_is(out, (batch, kv_heads * n_rep, length, head_dim))
-    ):
-        return source, ("expand+reshape", n_rep)
-    return node, None
-
-
-def _unsqueezed_at_2(node: Any) -> Any:
-    """The tensor ``node`` inserts a unit dim into at position 2, else None."""
-    if is_op(node, "unsqueeze"):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return node.args[0] if dim == 2 else None
-    if is_op(node, "getitem"):
-        index = node.args[1]
-        if not isinstance(index, tuple) or sum(i is None for i in index) != 1:
-            return None
-        full = slice(None, None, None)
-        if not all(i is None or i is Ellipsis or i == full for i in index):
-            return None
-        # With only full slices around, the None lands at dim 2 exactly when
-        # the shapes say so, which the caller checks.
-        return node.args[0]
-    return None
-
-
-def replace_with_attention(gm: GraphModule, site: AttentionSite) -> Node:
-    graph = gm.graph
+def replace_with_attention(graph: Graph, site: AttentionSite) -> Node:
     anchor = site.anchor
+    new_nodes: list[Node] = []
+
+    def call(kind: str, target: Any, *args: Any) -> Node:
+        node = graph.create_node(kind, target, args)
+        new_nodes.append(node)
+        return node
+
     with graph.inserting_before(anchor):
-        fused = graph.call_function(
-            torch.ops.llmopt.attention.default,
-            (site.query, site.key, site.value, site.mask, site.causal_offset, site.scale),
-        )
-        out = graph.call_function(operator.getitem, (fused, 0))
-    for new in (fused, out):
-        copy_location_meta(anchor, new)
-    _propagate_fake(fused, out, site)
+        q, k, v = site.query, site.key, site.value
+        if site.rank3:  # (batch*heads, L, D) -> (1, batch*heads, L, D)
+            q, k, v = (call("call_method", "unsqueeze", x, 0) for x in (q, k, v))
+        if site.head_map == "modulo":
+            # kv head h % Hkv: put each group's query heads next to each other.
+            q = _regroup(call, q, site.q_heads // site.kv_heads, site.kv_heads)
+        mask = site.mask if site.form == "sdpa" else _combined_mask(call, site)
+        scale = site.scale if site.form == "sdpa" else float(site.scale)
+        fused = call("call_function", torch.ops.llmopt.attention.default, q, k, v, mask, site.causal_offset, scale)
+        out = call("call_function", operator.getitem, fused, 0)
+        if site.head_map == "modulo":
+            out = _regroup(call, out, site.kv_heads, site.q_heads // site.kv_heads)
+        if site.rank3:
+            out = call("call_method", "squeeze", out, 0)
+
+    for node in new_nodes:
+        copy_location_meta(anchor, node)
+    _propagate_fake(new_nodes)
     anchor.replace_all_uses_with(out)
     graph.erase_node(anchor)
     return out
 
 
-def _propagate_fake(fused: Node, out: Node, site: AttentionSite) -> None:
-    """Give the new nodes example values, as Dynamo's own nodes have."""
-    fake_mode = getattr(fake_value(site.query), "fake_mode", None)
+def _regroup(call, x: Node, outer: int, inner: int) -> Node:
+    """Head ``o*inner + i`` -> head ``i*outer + o`` of a (B, H, L, D) tensor."""
+    x = call("call_method", "unflatten", x, 1, (outer, inner))
+    x = call("call_method", "transpose", x, 1, 2)
+    return call("call_method", "flatten", x, 1, 2)
+
+
+def _combined_mask(call, site: AttentionSite) -> Any:
+    allowed = None
+    for cond, negate in site.allowed:
+        term = call("call_function", torch.logical_not, cond) if negate else cond
+        allowed = term if allowed is None else call("call_function", torch.logical_and, allowed, term)
+    bias = None
+    for node, multiplier in site.additive:
+        term = node if multiplier == 1.0 else call("call_function", operator.mul, node, multiplier)
+        bias = term if bias is None else call("call_function", operator.add, bias, term)
+    if allowed is not None and bias is not None:
+        return call("call_function", torch.where, allowed, bias, float("-inf"))
+    return allowed if allowed is not None else bias
+
+
+def _propagate_fake(nodes: list[Node]) -> None:
+    """Give new nodes example values, as Dynamo's own nodes have."""
+    fake_mode = None
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            fake_mode = fake_mode or getattr(fake_value(arg), "fake_mode", None)
     if fake_mode is None:
         return
-    args = [fake_value(a) if isinstance(a, Node) else a for a in fused.args]
     with fake_mode:
-        result = torch.ops.llmopt.attention.default(*args)
-    fused.meta["example_value"] = result
-    out.meta["example_value"] = result[0]
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, fake_value)
+            if node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:])
+            else:
+                value = node.target(*args)
+            node.meta["example_value"] = value
 
 
 def describe(site: AttentionSite) -> str:
-    parts = [site.form, f"{site.q_heads}q/{site.kv_heads}kv heads"]
+    parts = [site.form]
+    if not site.rank3:
+        parts.append(f"{site.q_heads}q/{site.kv_heads}kv heads")
     if site.repeat_removed:
         parts.append(f"KV repeat removed ({site.repeat_removed})")
-    if site.mask is not None:
-        m = fake_value(site.mask)
-        parts.append("bool mask" if m.dtype == torch.bool else "additive mask")
+    masks = [site.mask] if site.mask is not None else []
+    if site.allowed:
+        parts.append("bool mask")
+    if site.additive:
+        parts.append("additive mask")
+    for m in masks:
+        parts.append("bool mask" if fake_value(m).dtype == torch.bool else "additive mask")
     if site.causal_offset is not None:
         parts.append("causal")
     if site.scale is not None:
