@@ -70,3 +70,28 @@ def test_attention_fp32_against_fp64():
     ref, _ = attention_reference(q.double(), k.double(), v.double(), None, 0, None)
     # fp32 accumulation over 33 keys of O(1) terms: error ~ 33 * 2^-24 relative.
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal_offset", [None, 0])
+def test_attention_dropout_matches_reference_with_same_mask(heads, causal_offset):
+    q, k, v = _inputs(2, heads[0], heads[1], 6, 9, 16)
+    seed = torch.tensor(1234)
+    out, _ = torch.ops.llmopt.attention(q, k, v, None, causal_offset, None, 0.3, seed)
+    ref, _ = attention_reference(q, k, v, None, causal_offset, None, 0.3, seed)
+    torch.testing.assert_close(out, ref, atol=FP64_TOL, rtol=0)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, atol=FP64_TOL, rtol=0)
+    # The same seed gives the same mask; another seed another one.
+    again, _ = torch.ops.llmopt.attention(q, k, v, None, causal_offset, None, 0.3, seed)
+    other, _ = torch.ops.llmopt.attention(q, k, v, None, causal_offset, None, 0.3, torch.tensor(99))
+    assert torch.equal(again, out) and not torch.equal(other, out)
+
+
+def test_attention_dropout_drops_the_stated_fraction():
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16)
+    keep = __import__("llmopt.kernels.attention_dropout", fromlist=["x"]).dropout_keep_mask(
+        torch.tensor(5), (1, 2, 64, 64), 0.25, "cpu")
+    # 8192 Bernoulli(0.75) draws: std of the mean is 0.0048; 0.02 is > 4 sigma.
+    assert abs(keep.float().mean().item() - 0.75) < 0.02

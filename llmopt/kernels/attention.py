@@ -11,6 +11,9 @@ Semantics (the contract every implementation keeps):
   key ``j`` iff ``j <= i + c``. SDPA's ``is_causal=True`` is ``c = 0``; decode
   and chunked prefill against a cache use ``c = Lk - Lq``.
 * ``scale`` None means ``1 / sqrt(D)``.
+* ``dropout_p`` > 0 drops attention weights (training); ``dropout_seed``, a
+  0-dim int64 tensor drawn per call, fixes the mask so the backward sees the
+  same one.
 * Returns ``(out, lse)``: ``out`` like ``q``, ``lse`` the float32 log-sum-exp
   of each query row's scaled, masked scores, ``(B, Hq, Lq)``, which the
   backward reuses. A row that can see no key gets ``out = 0``.
@@ -30,7 +33,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_backward", "attention_reference"]
+from llmopt.kernels import attention_dropout
+
+__all__ = ["attention", "attention_backward", "attention_reference", "new_dropout_seed"]
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -48,7 +53,11 @@ def attention(
     attn_mask: Optional[Tensor] = None,
     causal_offset: Optional[int] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
+    if dropout_p > 0.0:
+        return attention_dropout.forward(q, k, v, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed))
     if _use_triton(q.device):
         from llmopt.kernels import triton_flash
 
@@ -60,7 +69,7 @@ def attention(
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, causal_offset=None, scale=None):
+def _(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0, dropout_seed=None):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads, q_len), dtype=torch.float32)
@@ -78,7 +87,13 @@ def attention_backward(
     attn_mask: Optional[Tensor] = None,
     causal_offset: Optional[int] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if dropout_p > 0.0:
+        return attention_dropout.backward(
+            grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed)
+        )
     if _use_triton(q.device):
         from llmopt.kernels import triton_flash
 
@@ -90,29 +105,41 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, attn_mask=None, causal_offset=None, scale=None):
+def _(grad_out, q, k, v, out, lse, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0,
+      dropout_seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _seed(dropout_seed: Optional[Tensor]) -> Tensor:
+    if dropout_seed is None:
+        raise ValueError("llmopt::attention: dropout_p > 0 needs a dropout_seed tensor")
+    return dropout_seed
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, causal_offset, scale = inputs
+    q, k, v, attn_mask, causal_offset, scale, dropout_p, dropout_seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-    ctx.causal_offset = causal_offset
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, dropout_seed)
+    ctx.causal_offset, ctx.scale, ctx.dropout_p = causal_offset, scale, dropout_p
 
 
 def _backward(ctx, grad_out, grad_lse):
     # lse is an internal by-product consumed only by this backward; the
     # rewrite never exposes it to user code, so its gradient is always zero.
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
     dq, dk, dv = attention_backward(
-        grad_out, q, k, v, out, lse, attn_mask, ctx.causal_offset, ctx.scale
+        grad_out, q, k, v, out, lse, attn_mask, ctx.causal_offset, ctx.scale, ctx.dropout_p, dropout_seed
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def new_dropout_seed(device=None) -> Tensor:
+    """A fresh seed for one call of attention with dropout (drawn from torch's RNG,
+    so ``torch.manual_seed`` makes runs repeatable)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -210,16 +237,27 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offse
 # ----------------------------------------------------------------------------- reference
 
 
-def attention_reference(q, k, v, attn_mask=None, causal_offset=None, scale=None):
-    """Plain PyTorch attention with the same contract, for tests (materialises heads)."""
-    group = q.shape[1] // k.shape[1]
+def attention_reference(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0,
+                        dropout_seed=None):
+    """Plain PyTorch attention with the same contract, for tests (materialises heads).
+
+    With dropout, the keep-mask is the one the op draws for ``dropout_seed``
+    (drawn in the op's folded layout, which reshapes to (B, Hq, Lq, Lk)).
+    """
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    mask = _dense_mask(attn_mask, causal_offset, q.shape[2], k.shape[2], scores.dtype, q.device)
+    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, scores.dtype, q.device)
     if mask is not None:
         scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    if dropout_p > 0:
+        folded = (batch, kv_heads, group * q_len, k_len)
+        keep = attention_dropout.dropout_keep_mask(dropout_seed, folded, dropout_p, q.device)
+        probs = probs * keep.reshape(probs.shape) / (1.0 - dropout_p)
     return probs @ v, lse

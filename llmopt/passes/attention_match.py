@@ -55,6 +55,7 @@ class AttentionSite:
     head_map: str = "grouped"  # "grouped": q head h reads kv h // G; "modulo": h % Hkv
     repeat_removed: str = ""  # how the KV heads had been repeated, or ""
     rank3: bool = False  # bmm over (batch*heads, L, D)
+    dropout_p: float = 0.0  # dropout on the attention weights (training)
 
 
 # ----------------------------------------------------------------------------- SDPA
@@ -69,10 +70,8 @@ def match_sdpa(node: Node) -> AttentionSite:
     q, k, v = _check_qkv(query, key, value, rank=4)
 
     dropout_p = args["dropout_p"]
-    if not isinstance(dropout_p, (int, float)):
-        raise NotProven("dropout_p is not a constant")
-    if dropout_p != 0:
-        raise NotProven(f"dropout_p={dropout_p} (attention dropout is not fused yet)")
+    if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise NotProven(f"dropout_p={dropout_p} is not a constant in [0, 1)")
     is_causal, enable_gqa, scale = args["is_causal"], args["enable_gqa"], args["scale"]
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         raise NotProven("is_causal or enable_gqa is not a constant")
@@ -92,7 +91,7 @@ def match_sdpa(node: Node) -> AttentionSite:
         anchor=node, query=query, key=key, value=value, form="sdpa",
         q_heads=q_heads, kv_heads=kv_heads,
         scale=None if scale is None else float(scale),
-        causal_offset=0 if is_causal else None, mask=mask,
+        causal_offset=0 if is_causal else None, mask=mask, dropout_p=float(dropout_p),
     )
     _unrepeat_site(site)
     return site
@@ -127,7 +126,7 @@ def match_softmax_attention(softmax: Node) -> AttentionSite:
     if dtype not in (None, torch.float32):
         raise NotProven(f"softmax in {dtype}")
     score_matmul, transforms = _walk_back_to_score_matmul(scores)
-    anchor, value = _walk_forward_to_value_matmul(softmax)
+    anchor, value, dropout_p = _walk_forward_to_value_matmul(softmax)
 
     query, key_t = score_matmul.args[0], score_matmul.args[1]
     rank3 = getattr(fake_value(query), "ndim", 0) == 3
@@ -150,7 +149,7 @@ def match_softmax_attention(softmax: Node) -> AttentionSite:
     site = AttentionSite(
         anchor=anchor, query=query, key=key, value=value,
         form="bmm" if rank3 else "matmul", q_heads=q_heads, kv_heads=kv_heads,
-        scale=scale, allowed=allowed, additive=additive, rank3=rank3,
+        scale=scale, allowed=allowed, additive=additive, rank3=rank3, dropout_p=dropout_p,
     )
     if not rank3:
         _unrepeat_site(site)
@@ -219,23 +218,27 @@ def _leads_to_score_matmul(node: Any) -> bool:
     return False
 
 
-def _walk_forward_to_value_matmul(softmax: Node) -> tuple[Node, Any]:
-    node = softmax
+def _walk_forward_to_value_matmul(softmax: Node) -> tuple[Node, Any, float]:
+    """From the softmax to ``p @ v``; returns it, ``v`` and the dropout probability."""
+    node, dropout_p = softmax, 0.0
     while True:
         users = list(node.users)
         if len(users) != 1:
             raise NotProven("the attention weights are also used outside the attention")
         user = users[0]
         if (is_op(user, "matmul") or is_op(user, "bmm")) and user.args[0] is node:
-            return user, user.args[1]
+            return user, user.args[1], dropout_p
         if _is_cast(user):
             node = user
             continue
-        if _is_inactive_dropout(user):
-            node = user
-            continue
         if _is_dropout(user):
-            raise NotProven("dropout on the attention weights in training (not fused yet)")
+            p = _active_dropout_p(user)
+            if p is None:
+                raise NotProven("dropout with a probability or training flag that is not a constant")
+            if p and dropout_p:
+                raise NotProven("two dropouts on the attention weights")
+            dropout_p, node = p, user
+            continue
         raise NotProven(f"'{op_name(user)}' between the softmax and the value matmul")
 
 
@@ -490,16 +493,17 @@ def _is_dropout(node: Any) -> bool:
     )
 
 
-def _is_inactive_dropout(node: Any) -> bool:
-    if not _is_dropout(node):
-        return False
+def _active_dropout_p(node: Node) -> Optional[float]:
+    """The probability a dropout node really applies (0.0 when inactive), or None if unknown."""
     if node.target is torch.dropout:  # torch.dropout(x, p, train)
-        p, train = _args(node, 3)[1:]
+        p, train = _args(node, 3, names=("input", "p", "train"))[1:]
     else:  # F.dropout(x, p=0.5, training=True, inplace=False)
-        p, train = _args(node, 3, names=("input", "p", "training"))[1:]
+        p, train = _args(node, 4, names=("input", "p", "training", "inplace"))[1:3]
         p = 0.5 if p is None else p
         train = True if train is None else train
-    return (isinstance(p, (int, float)) and p == 0) or train is False
+    if not isinstance(train, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        return None
+    return float(p) if train else 0.0
 
 
 def _is_masked_fill(node: Any) -> bool:

@@ -76,7 +76,15 @@ def replace_with_attention(graph: Graph, site: AttentionSite) -> Node:
             q = _regroup(call, q, site.q_heads // site.kv_heads, site.kv_heads)
         mask = site.mask if site.form == "sdpa" else _combined_mask(call, site)
         scale = site.scale if site.form == "sdpa" else float(site.scale)
-        fused = call("call_function", torch.ops.llmopt.attention.default, q, k, v, mask, site.causal_offset, scale)
+        dropout = ()
+        if site.dropout_p:
+            device = fake_value(site.query).device
+            seed = graph.create_node("call_function", torch.randint, (0, 2**62, ()),
+                                     {"dtype": torch.int64, "device": device})
+            new_nodes.append(seed)
+            dropout = (site.dropout_p, seed)
+        fused = call("call_function", torch.ops.llmopt.attention.default, q, k, v, mask, site.causal_offset, scale,
+                     *dropout)
         out = call("call_function", operator.getitem, fused, 0)
         if site.head_map == "modulo":
             out = _regroup(call, out, site.kv_heads, site.q_heads // site.kv_heads)
@@ -124,9 +132,9 @@ def _propagate_fake(nodes: list[Node]) -> None:
         for node in nodes:
             args = torch.fx.node.map_arg(node.args, fake_value)
             if node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:])
+                value = getattr(args[0], node.target)(*args[1:], **node.kwargs)
             else:
-                value = node.target(*args)
+                value = node.target(*args, **node.kwargs)
             node.meta["example_value"] = value
 
 
@@ -147,4 +155,6 @@ def describe(site: AttentionSite) -> str:
         parts.append("causal")
     if site.scale is not None:
         parts.append(f"scale={site.scale:g}")
+    if site.dropout_p:
+        parts.append(f"dropout={site.dropout_p:g}")
     return ", ".join(parts)
