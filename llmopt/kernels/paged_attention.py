@@ -1,0 +1,264 @@
+"""``llmopt::paged_attention``: attention of a continuous-batching step over a paged KV cache.
+
+Contract
+--------
+A step packs the new tokens of N sequences into one flat batch:
+
+* ``q`` ``(T, Hq, D)``, ``k``/``v`` ``(T, Hkv, D)``: the new tokens; sequence ``i`` owns
+  rows ``query_start_loc[i]:query_start_loc[i+1]`` (``query_start_loc`` ``(N+1,)``).
+* ``k_cache``/``v_cache`` ``(num_blocks, block_size, Hkv, D)`` (``block_size`` a power of
+  two), mutated in place.
+* ``slot_mapping`` ``(T,)``: cache slot ``block_id * block_size + offset`` of each new
+  token; ``-1`` means "do not write".
+* ``block_tables`` ``(N, max_blocks_per_seq)``: the physical block ids of each sequence,
+  in order (entries past the sequence's last block are never read).
+* ``seq_lens`` ``(N,)``: total tokens of each sequence after this step (prefix + new).
+* ``max_query_len`` / ``max_seq_len``: upper bounds of the per-sequence new-token counts
+  and ``seq_lens`` (they size the GPU grids; ``max_query_len == 1`` selects decode).
+* ``scale`` None means ``1 / sqrt(D)``.
+
+The op first writes ``k[t]``, ``v[t]`` into the caches at ``slot_mapping[t]``, then for
+sequence ``i`` with ``q_len`` new tokens and ``seq_len`` total, query row ``r`` sits at
+position ``seq_len - q_len + r`` and attends the cached keys at positions ``0 ..`` that
+position (bottom-right causal), read through ``block_tables[i]``. Query head ``h`` reads
+kv head ``h // (Hq // Hkv)``; repeated heads are never materialised. fp16 / bf16 / fp32
+(q, k, v and the caches share one dtype), fp32 accumulation, output ``(T, Hq, D)`` in
+``q.dtype``. Output rows not owned by any sequence are unspecified (zero on CPU).
+
+Implementations
+---------------
+* CUDA: the Triton kernels of :mod:`llmopt.kernels.triton_paged` (cache write kernel,
+  split-KV decode kernel + reduction for ``max_query_len == 1``, prefill/append kernel
+  otherwise). No host synchronisation.
+* CPU: the cache is written with ``index_copy_``; the blocks of all sequences are gathered
+  with one ``index_select`` and every sequence runs PyTorch's fused CPU flash-attention
+  kernel on strided views of the gathered keys. A decode row (``q_len == 1``) folds the
+  query heads of each GQA group into the query-length axis (no mask needed); a longer
+  chunk puts the group into the batch axis with the key/value heads broadcast by a
+  stride-0 view, and a bottom-right causal mask (or the kernel's own causal mode for a
+  fresh prefill).
+* ``LLMOPT_ATTENTION_IMPL=triton`` with ``TRITON_INTERPRET=1`` routes CPU tensors to the
+  Triton kernels (under the interpreter), so tests can drive them through the op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["paged_attention"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MIN_HEAD_DIM = 16
+_MAX_HEAD_DIM = 256
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # Lets tests drive the Triton kernels through the op on CPU, under the interpreter.
+    return os.environ.get("LLMOPT_ATTENTION_IMPL") == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.library.custom_op("llmopt::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: Optional[float] = None,
+) -> Tensor:
+    _validate(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+              max_query_len, max_seq_len, scale)
+    if _use_triton(q.device):
+        from llmopt.kernels import triton_paged
+
+        return triton_paged.paged_attention_forward(
+            q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+            max_query_len, max_seq_len, scale,
+        )
+    return _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                                query_start_loc, scale)
+
+
+@paged_attention.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, max_query_len,
+      max_seq_len, scale=None):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fail(msg: str):
+    raise ValueError(f"llmopt::paged_attention: {msg}")
+
+
+def _validate(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+              max_query_len, max_seq_len, scale) -> None:
+    """Shape / dtype / device checks only (no data-dependent checks: no device sync)."""
+    for name, t, nd, layout in (
+        ("q", q, 3, "(T, Hq, D)"), ("k", k, 3, "(T, Hkv, D)"), ("v", v, 3, "(T, Hkv, D)"),
+        ("k_cache", k_cache, 4, "(num_blocks, block_size, Hkv, D)"),
+        ("v_cache", v_cache, 4, "(num_blocks, block_size, Hkv, D)"),
+        ("slot_mapping", slot_mapping, 1, "(T,)"), ("block_tables", block_tables, 2, "(N, max_blocks_per_seq)"),
+        ("seq_lens", seq_lens, 1, "(N,)"), ("query_start_loc", query_start_loc, 1, "(N + 1,)"),
+    ):
+        if t.dim() != nd:
+            _fail(f"{name} must be {nd}-D {layout}, got shape {tuple(t.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        _fail(f"q dtype {q.dtype} is not supported (expected float16, bfloat16 or float32)")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            _fail(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables), ("seq_lens", seq_lens),
+                    ("query_start_loc", query_start_loc)):
+        if t.dtype not in _INDEX_DTYPES:
+            _fail(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping),
+                    ("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}")
+    num_tokens, q_heads, head_dim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        _fail(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != num_tokens:
+        _fail(f"k/v have {k.shape[0]} tokens but q has {num_tokens}")
+    if k.shape[2] != head_dim:
+        _fail(f"head dim mismatch: q has D={head_dim}, k/v have D={k.shape[2]}")
+    if not (_MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM):
+        _fail(f"head dim D={head_dim} is out of the supported range [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        _fail(f"number of query heads ({q_heads}) must be a multiple of the number of kv heads ({kv_heads})")
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
+        _fail(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    block_size = k_cache.shape[1]
+    if tuple(k_cache.shape[2:]) != (kv_heads, head_dim):
+        _fail(f"caches must be (num_blocks, block_size, Hkv={kv_heads}, D={head_dim}), got {tuple(k_cache.shape)}")
+    if block_size <= 0 or block_size & (block_size - 1):
+        _fail(f"block_size must be a power of two, got {block_size}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        _fail("caches must be contiguous along the head dim (stride(-1) == 1)")
+    if slot_mapping.shape[0] != num_tokens:
+        _fail(f"slot_mapping must have one entry per new token ({num_tokens}), got {slot_mapping.shape[0]}")
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape[0] != num_seqs:
+        _fail(f"seq_lens must have one entry per sequence ({num_seqs} block-table rows), got {seq_lens.shape[0]}")
+    if query_start_loc.shape[0] != num_seqs + 1:
+        _fail(f"query_start_loc must have N + 1 = {num_seqs + 1} entries, got {query_start_loc.shape[0]}")
+    if num_seqs > 65535 or q_heads > 65535:
+        _fail(f"at most 65535 sequences and 65535 query heads are supported, got {num_seqs} and {q_heads}")
+    for name, val in (("max_query_len", max_query_len), ("max_seq_len", max_seq_len)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            _fail(f"{name} must be a non-negative int, got {val!r}")
+    if max_query_len > max_seq_len:
+        _fail(f"max_query_len ({max_query_len}) cannot exceed max_seq_len ({max_seq_len})")
+    if scale is not None and not isinstance(scale, (int, float)):
+        _fail(f"scale must be a float or None, got {scale!r}")
+
+
+# ----------------------------------------------------------------------------- CPU path
+
+
+def _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if slot_mapping.numel() == 0:
+        return
+    slots = slot_mapping.to(torch.int64)
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if bool((slots >= num_blocks * block_size).any()):
+        _fail(f"slot_mapping holds slots past the cache's {num_blocks * block_size} slots")
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        if cache.is_contiguous():
+            cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slots, new)
+        else:
+            cache.index_put_((slots // block_size, slots % block_size), new)
+
+
+def _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+                         scale):
+    num_tokens, q_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = q.new_zeros((num_tokens, q_heads, head_dim))
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    num_seqs = len(lens)
+    max_blocks = block_tables.shape[1]
+
+    # Gather the blocks of every sequence with one index_select per cache.
+    n_blocks = []
+    for i in range(num_seqs):
+        q_len, seq_len = starts[i + 1] - starts[i], lens[i]
+        if q_len < 0 or q_len > seq_len:
+            _fail(f"sequence {i} has {q_len} new tokens but seq_len {seq_len}")
+        if starts[i + 1] > num_tokens:
+            _fail(f"query_start_loc[{i + 1}] = {starts[i + 1]} exceeds the {num_tokens} query rows")
+        nb = -(-seq_len // block_size) if q_len > 0 else 0
+        if nb > max_blocks:
+            _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has {max_blocks} columns")
+        n_blocks.append(nb)
+    _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the checks: no half-done step
+    if sum(n_blocks) == 0:
+        return out
+    table = block_tables.to(torch.int64)
+    idx = torch.cat([table[i, :nb] for i, nb in enumerate(n_blocks) if nb])
+    if bool(((idx < 0) | (idx >= num_blocks)).any()):
+        _fail(f"block_tables holds block ids outside [0, {num_blocks})")
+    keys = k_cache.index_select(0, idx).view(-1, kv_heads, head_dim)
+    values = v_cache.index_select(0, idx).view(-1, kv_heads, head_dim)
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    offset = 0
+    for i in range(num_seqs):
+        nb = n_blocks[i]
+        if nb == 0:
+            continue
+        q0, q1, seq_len = starts[i], starts[i + 1], lens[i]
+        q_len = q1 - q0
+        # (1, Hkv, seq_len, D) strided views of this sequence's keys/values.
+        kh = keys[offset:offset + seq_len].transpose(0, 1).unsqueeze(0)
+        vh = values[offset:offset + seq_len].transpose(0, 1).unsqueeze(0)
+        offset += nb * block_size
+        if q_len == 1:
+            # The group's query heads are the rows of one query tile; no mask: the single
+            # row sits at the last position and sees every key.
+            qf = q[q0].view(1, kv_heads, group, head_dim)
+            o, _ = flash(qf, kh, vh, 0.0, False, scale=scale)
+            out[q0] = o.reshape(q_heads, head_dim)
+            continue
+        # Group in the batch axis: (G, Hkv, q_len, D) queries against stride-0 broadcast keys.
+        qb = q[q0:q1].view(q_len, kv_heads, group, head_dim).permute(2, 1, 0, 3)
+        kb = kh.expand(group, kv_heads, seq_len, head_dim)
+        vb = vh.expand(group, kv_heads, seq_len, head_dim)
+        if q_len == seq_len:
+            o, _ = flash(qb, kb, vb, 0.0, True, scale=scale)  # top-left == bottom-right here
+        else:
+            mask = _bottom_right_mask(q_len, seq_len, q.dtype)
+            o, _ = flash(qb, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
+        out[q0:q1] = o.permute(2, 1, 0, 3).reshape(q_len, q_heads, head_dim)
+    return out
+
+
+def _bottom_right_mask(q_len: int, seq_len: int, dtype) -> Tensor:
+    """(1, 1, q_len, seq_len) additive mask: row r sees keys <= seq_len - q_len + r."""
+    rows = torch.arange(q_len).unsqueeze(1)
+    cols = torch.arange(seq_len).unsqueeze(0)
+    hidden = cols > rows + (seq_len - q_len)
+    return torch.zeros((q_len, seq_len), dtype=dtype).masked_fill_(hidden, float("-inf"))[None, None]
