@@ -14,7 +14,8 @@ Semantics (the contract every implementation keeps):
 * ``dropout_p`` > 0 drops attention weights (training); ``dropout_seed``, a
   0-dim int64 tensor drawn per call, fixes the mask so the backward sees the
   same one.
-* Returns ``(out, lse)``: ``out`` like ``q``, ``lse`` the float32 log-sum-exp
+* Returns ``(out, lse)``: ``out`` like ``q``, ``lse`` the float32 (float64 for
+  float64 inputs) log-sum-exp
   of each query row's scaled, masked scores, ``(B, Hq, Lq)``, which the
   backward reuses. A row that can see no key gets ``out = 0``.
 
@@ -57,23 +58,21 @@ def attention(
     dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if dropout_p > 0.0:
-        return attention_dropout.forward(q, k, v, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed))
-    if _use_triton(q.device):
+        out, lse = attention_dropout.forward(q, k, v, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed))
+    elif _use_triton(q.device):
         from llmopt.kernels import triton_flash
 
         out, lse = triton_flash.flash_attention_forward(
             q, k, v, mask=attn_mask, causal_offset=causal_offset, scale=scale
         )
-        return out, lse
-    return _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale)
+    else:
+        out, lse = _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale)
+    return _conform(out, _out_like(q)), _conform(lse, _lse_like(q))
 
 
 @attention.register_fake
 def _(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0, dropout_seed=None):
-    batch, heads, q_len, _ = q.shape
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((batch, heads, q_len), dtype=torch.float32)
-    return out, lse
+    return _out_like(q), _lse_like(q)
 
 
 @torch.library.custom_op("llmopt::attention_backward", mutates_args=())
@@ -91,23 +90,49 @@ def attention_backward(
     dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if dropout_p > 0.0:
-        return attention_dropout.backward(
+        grads = attention_dropout.backward(
             grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed)
         )
-    if _use_triton(q.device):
+    elif _use_triton(q.device):
         from llmopt.kernels import triton_flash
 
-        dq, dk, dv = triton_flash.flash_attention_backward(
+        grads = triton_flash.flash_attention_backward(
             grad_out, q, k, v, out, lse, mask=attn_mask, causal_offset=causal_offset, scale=scale
         )
-        return dq, dk, dv
-    return _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale)
+    else:
+        grads = _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale)
+    return tuple(_conform(g, _grad_like(x)) for g, x in zip(grads, (q, k, v)))
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0,
       dropout_seed=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _grad_like(q), _grad_like(k), _grad_like(v)
+
+
+# Output layouts: contiguous. The fake kernels must promise the strides the
+# real ones return, and Inductor lays the outputs of custom ops out
+# contiguously whatever a fake kernel says (tried: (B, L, H, D)-ordered
+# gradients, which PyTorch's CPU kernel produces, fail its stride asserts).
+# So the real kernels' results are copied into contiguous tensors where needed.
+def _out_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp64 inputs keep fp64 statistics
+    return q.new_empty(q.shape[:3], dtype=dtype)
+
+
+def _grad_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _conform(result: Tensor, template: Tensor) -> Tensor:
+    """``result`` with the strides and dtype of ``template`` (copied only if they differ)."""
+    if result.stride() == template.stride() and result.dtype == template.dtype:
+        return result
+    return template.copy_(result)
 
 
 def _seed(dropout_seed: Optional[Tensor]) -> Tensor:
@@ -145,30 +170,67 @@ def new_dropout_seed(device=None) -> Tensor:
 # ----------------------------------------------------------------------------- CPU path
 
 
-def _fold_groups(q, k, attn_mask, causal_offset, scale):
-    """Fold the query heads of each KV group into the length axis.
+class _CpuLayout:
+    """How (B, Hq, L, D) queries and (B, Hkv, L, D) keys are laid out for PyTorch's
+    CPU flash kernel, which needs equal head counts, without repeating KV heads.
 
-    Returns ``(q_folded, mask_folded, is_causal, scale)`` for PyTorch's CPU
-    flash kernel, which needs equal head counts: ``q`` becomes
-    ``(B, Hkv, G*Lq, D)`` so query rows of one group share their KV head.
+    * ``"length"``: the G = Hq/Hkv query heads of a group are folded into the
+      query-length axis, ``(B, Hkv, G*Lq, D)``; masks are folded the same way.
+    * ``"batch"``: the group goes into the batch axis, ``(G, B*Hkv, Lq, D)``,
+      against keys broadcast with stride 0. Used for unmasked causal attention,
+      so the kernel keeps its own causal mode (which skips hidden blocks).
     """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
 
-    # The kernel's own causal mode is top-left aligned and cannot see the
-    # fold, so it is only used for the plain case.
-    if attn_mask is None and group == 1 and causal_offset == 0:
-        return q, None, True, scale
+    def __init__(self, q, k, attn_mask, causal_offset, scale):
+        batch, q_heads, q_len, head_dim = q.shape
+        kv_heads, k_len = k.shape[1], k.shape[2]
+        self.shape = (batch, q_heads, kv_heads, q_heads // kv_heads)
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        if causal_offset is not None and causal_offset >= k_len - 1:
+            causal_offset = None  # every key is visible to every query (e.g. decode)
+        group = self.shape[3]
+        self.mode = "batch" if group > 1 and attn_mask is None and causal_offset == 0 else "length"
+        # The kernel's causal mode is top-left aligned and cannot see the length fold.
+        self.is_causal = attn_mask is None and causal_offset == 0 and (group == 1 or self.mode == "batch")
+        self.mask = None
+        if not self.is_causal:
+            self.mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, q.dtype, q.device)
+            if self.mask is not None and group > 1:
+                self.mask = _fold_mask(self.mask, batch, q_heads, kv_heads, group, q_len, k_len)
 
-    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, q.dtype, q.device)
-    if group > 1:
-        q = q.reshape(batch, kv_heads, group * q_len, head_dim)
-        if mask is not None:
-            mask = _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len)
-    return q, mask, False, scale
+    def rows_in(self, x):
+        """q, out or grad_out (B, Hq, L, D) -> kernel layout."""
+        batch, q_heads, kv_heads, group = self.shape
+        if self.mode == "length":
+            return x.reshape(batch, kv_heads, group * x.shape[2], x.shape[3])
+        x = x.unflatten(1, (kv_heads, group)).permute(2, 0, 1, 3, 4)
+        return x.reshape(group, batch * kv_heads, *x.shape[3:])
+
+    def rows_out(self, x, q_len):
+        """Kernel layout -> (B, Hq, L[, D]) contiguous; also takes lse (no D)."""
+        batch, q_heads, kv_heads, group = self.shape
+        if self.mode == "length":
+            return x.reshape(batch, q_heads, q_len, *x.shape[3:])
+        x = x.reshape(group, batch, kv_heads, q_len, *x.shape[3:])
+        return x.movedim(0, 2).reshape(batch, q_heads, q_len, *x.shape[4:])
+
+    def lse_in(self, lse):
+        batch, q_heads, kv_heads, group = self.shape
+        if self.mode == "length":
+            return lse.reshape(batch, kv_heads, -1)
+        return lse.unflatten(1, (kv_heads, group)).permute(2, 0, 1, 3).reshape(group, batch * kv_heads, -1)
+
+    def keys_in(self, k):
+        batch, q_heads, kv_heads, group = self.shape
+        if self.mode == "length":
+            return k
+        return k.reshape(1, batch * kv_heads, *k.shape[2:]).expand(group, -1, -1, -1)
+
+    def key_grad_out(self, dk):
+        batch, q_heads, kv_heads, group = self.shape
+        if self.mode == "length":
+            return dk
+        return dk.sum(0).reshape(batch, kv_heads, *dk.shape[2:])
 
 
 def _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, device):
@@ -204,34 +266,30 @@ def _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len):
 
 
 def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
-    batch, q_heads, q_len, head_dim = q.shape
-    q_f, mask, is_causal, scale = _fold_groups(q, k, attn_mask, causal_offset, scale)
+    layout = _CpuLayout(q, k, attn_mask, causal_offset, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_f, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        layout.rows_in(q), layout.keys_in(k), layout.keys_in(v), 0.0, layout.is_causal,
+        attn_mask=layout.mask, scale=layout.scale,
     )
-    out = out.reshape(batch, q_heads, q_len, head_dim).contiguous()
-    lse = lse.reshape(batch, q_heads, q_len).contiguous()
-    return out, lse
+    q_len = q.shape[2]
+    return layout.rows_out(out, q_len), layout.rows_out(lse, q_len)
 
 
 def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale):
-    batch, q_heads, q_len, head_dim = q.shape
-    q_f, mask, is_causal, scale = _fold_groups(q, k, attn_mask, causal_offset, scale)
-    folded = q_f.shape
+    layout = _CpuLayout(q, k, attn_mask, causal_offset, scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.reshape(folded),
-        q_f,
-        k,
-        v,
-        out.reshape(folded),
-        lse.reshape(folded[:3]),
+        layout.rows_in(grad_out),
+        layout.rows_in(q),
+        layout.keys_in(k),
+        layout.keys_in(v),
+        layout.rows_in(out),
+        layout.lse_in(lse),
         0.0,
-        is_causal,
-        attn_mask=mask,
-        scale=scale,
+        layout.is_causal,
+        attn_mask=layout.mask,
+        scale=layout.scale,
     )
-    # Fake kernels promise contiguous results; the CPU kernel follows the inputs' layout.
-    return dq.reshape(q.shape).contiguous(), dk.contiguous(), dv.contiguous()
+    return layout.rows_out(dq, q.shape[2]), layout.key_grad_out(dk), layout.key_grad_out(dv)
 
 
 # ----------------------------------------------------------------------------- reference
