@@ -1,0 +1,287 @@
+"""Greedy decode speed of SmolLM2-135M (fp32, CPU, batch 1) across settings.
+
+Settings, all measured in one run on the same loaded model:
+  hf-generate   Hugging Face ``model.generate`` (eager, its default cache)
+  eager-loop    llmopt's generation loop, uncompiled
+  inductor      the same loop on ``torch.compile(model, backend="inductor")``
+  llmopt        the loop on ``torch.compile(model, backend="llmopt")`` (lower=inductor)
+  llmopt-eager  the loop on llmopt with lower=eager
+
+Every setting generates exactly --max-tokens tokens (end-of-sequence is
+ignored) and must produce the same greedy tokens as hf-generate. Compilation
+starts from an empty Inductor cache unless --warm-compile-cache is given, so
+compile times are those of a first run.
+
+    python bench/decode.py [--max-tokens 128] [--repeats 3] [--settings llmopt inductor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager")
+# Asks for a long answer, so the model has no reason to stop before the limit.
+PROMPT = "Write a short story about a robot who learns to paint."
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class SettingResult:
+    setting: str
+    warmup_s: float  # first call(s): compilation, or one-off set-up when eager
+    prefill_s: float  # median over repeats
+    decode_tokens_per_s: float  # median over repeats
+    # The fastest repeat: on a shared machine, the one least slowed by others.
+    best_decode_tokens_per_s: float
+    new_tokens: int
+    runs: list = field(default_factory=list)  # per repeat: prefill_s, decode_tokens_per_s
+    same_tokens_as_hf: bool | None = None
+    speedup_vs_hf: float | None = None
+    tokens: list = field(default_factory=list)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from llmopt.models import load
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model)
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
+
+    load_start = os.getloadavg()
+    results = []
+    for setting in args.settings:
+        print(f"running {setting} ...", file=sys.stderr, flush=True)
+        torch._dynamo.reset()  # every compiled setting starts from scratch
+        with _inductor_cache(fresh=not args.warm_compile_cache):
+            result = _run_setting(setting, model, prompt_ids, args.max_tokens, args.repeats)
+        print(f"  {setting}: warm-up {result.warmup_s:.1f} s, prefill {result.prefill_s:.3f} s, "
+              f"{result.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr, flush=True)
+        results.append(result)
+    _compare_with_hf(results)
+
+    record = {
+        "benchmark": "decode",
+        "time": datetime.now().isoformat(timespec="seconds"),
+        "machine": _machine(load_start),
+        "versions": _versions(),
+        "config": {
+            "model": args.model,
+            "dtype": "float32",
+            "batch_size": 1,
+            "prompt": args.prompt,
+            "prompt_tokens": int(prompt_ids.shape[1]),
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "inductor_cache": "warm" if args.warm_compile_cache else "fresh",
+        },
+        "results": [asdict(r) for r in results],
+    }
+    out = Path(args.out) if args.out else RESULTS_DIR / (
+        f"decode-{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+    print(_table(results, record))
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_setting(setting, model, prompt_ids, max_tokens, repeats) -> SettingResult:
+    if setting == "hf-generate":
+        return _run_hf_generate(model, prompt_ids, max_tokens, repeats)
+    from llmopt.runtime.generate import warm_up
+
+    if setting == "eager-loop":
+        runner = model
+    elif setting == "inductor":
+        runner = torch.compile(model, backend="inductor")
+    else:
+        lower = "eager" if setting == "llmopt-eager" else "inductor"
+        runner = torch.compile(model, backend="llmopt", options={"lower": lower})
+    warmup_s = warm_up(runner, prompt_ids, max_tokens)
+    return _timed_runs(setting, warmup_s, repeats, lambda: _run_loop(runner, prompt_ids, max_tokens))
+
+
+def _run_loop(runner, prompt_ids, max_tokens):
+    from llmopt.runtime.generate import generate
+
+    tokens, stats = generate(runner, None, prompt_ids, max_tokens, eos_token_ids=())
+    return tokens, stats.prefill_s, stats.decode_tokens_per_s
+
+
+def _run_hf_generate(model, prompt_ids, max_tokens, repeats) -> SettingResult:
+    # No eos: HF would stop early (or, with min_new_tokens, pick the runner-up
+    # token instead of eos), and the tokens would no longer be comparable.
+    def once(new_tokens=max_tokens):
+        config = copy.deepcopy(model.generation_config)
+        # None would be refilled from the model defaults; an empty list stays.
+        config.update(eos_token_id=[], do_sample=False, max_new_tokens=new_tokens)
+        timer = _TokenTimer()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            # An explicit mask: with no eos, HF would take the pad token (SmolLM2:
+            # <|im_end|>, which the chat prompt contains) for padding and mask it.
+            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                 generation_config=config, streamer=timer)
+        end = time.perf_counter()
+        prefill_s = timer.token_times[0] - start
+        decode_tps = (len(timer.token_times) - 1) / (end - timer.token_times[0])
+        return out[0, prompt_ids.shape[1]:].tolist(), prefill_s, decode_tps
+
+    start = time.perf_counter()
+    once(4)
+    warmup_s = time.perf_counter() - start
+    return _timed_runs("hf-generate", warmup_s, repeats, once)
+
+
+class _TokenTimer:
+    """A generate() streamer that notes when each new token arrives."""
+
+    def __init__(self):
+        self.token_times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value):
+        if not self._seen_prompt:  # the first call hands over the prompt
+            self._seen_prompt = True
+            return
+        self.token_times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _timed_runs(setting, warmup_s, repeats, run_once) -> SettingResult:
+    runs, tokens = [], None
+    for _ in range(repeats):
+        tokens, prefill_s, decode_tps = run_once()
+        runs.append({"prefill_s": prefill_s, "decode_tokens_per_s": decode_tps})
+    return SettingResult(
+        setting=setting,
+        warmup_s=warmup_s,
+        prefill_s=statistics.median(r["prefill_s"] for r in runs),
+        decode_tokens_per_s=statistics.median(r["decode_tokens_per_s"] for r in runs),
+        best_decode_tokens_per_s=max(r["decode_tokens_per_s"] for r in runs),
+        new_tokens=len(tokens),
+        runs=runs,
+        tokens=tokens,
+    )
+
+
+def _compare_with_hf(results) -> None:
+    hf = next((r for r in results if r.setting == "hf-generate"), None)
+    if hf is None:
+        return
+    for r in results:
+        r.same_tokens_as_hf = r.tokens == hf.tokens
+        r.speedup_vs_hf = r.decode_tokens_per_s / hf.decode_tokens_per_s
+
+
+@contextlib.contextmanager
+def _inductor_cache(fresh: bool):
+    if not fresh:
+        yield
+        return
+    from torch._inductor import utils
+
+    # Named fresh_inductor_cache in older torch releases.
+    fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    with fresh_cache():
+        yield
+
+
+def _table(results, record) -> str:
+    machine, config = record["machine"], record["config"]
+    lines = [
+        f"decode benchmark: {config['model']} fp32, batch 1, {config['prompt_tokens']} prompt tokens, "
+        f"{config['max_tokens']} new tokens, median (and best) of {config['repeats']} runs",
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['threads']} threads, "
+        f"load average {machine['load_average_start'][0]:.1f} -> {machine['load_average_end'][0]:.1f}; "
+        f"Inductor cache {config['inductor_cache']}",
+        "",
+        f"{'setting':<14}{'warm-up s':>11}{'prefill s':>11}{'decode tok/s':>14}{'best':>8}{'vs HF':>8}"
+        "  same tokens as HF",
+    ]
+    for r in results:
+        ratio = "-" if r.speedup_vs_hf is None else f"{r.speedup_vs_hf:.2f}x"
+        same = "-" if r.same_tokens_as_hf is None else ("yes" if r.same_tokens_as_hf else "NO")
+        lines.append(f"{r.setting:<14}{r.warmup_s:>11.1f}{r.prefill_s:>11.3f}"
+                     f"{r.decode_tokens_per_s:>14.1f}{r.best_decode_tokens_per_s:>8.1f}{ratio:>8}  {same}")
+    return "\n".join(lines)
+
+
+def _machine(load_start) -> dict:
+    cpu_model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        # Other work on the machine skews CPU timings; this shows if there was any.
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    import llmopt
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llmopt": llmopt.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import triton
+
+        versions["triton"] = triton.__version__
+    return versions
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2", help="model name or local path (default smollm2)")
+    parser.add_argument("--prompt", default=PROMPT, help="user message (chat-templated)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per run (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                        help="which settings to run (default all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads (default: all cores)")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="reuse Inductor's on-disk cache (default: compile from an empty one)")
+    parser.add_argument("--out", help="JSON file to write (default bench/results/decode-<host>-<time>.json)")
+    args = parser.parse_args(argv)
+    if args.max_tokens < 2 or args.repeats < 1:
+        parser.error("--max-tokens must be >= 2 and --repeats >= 1")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

