@@ -195,7 +195,10 @@ class _CpuLayout:
         self.mask = None
         if not self.is_causal:
             self.mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, q.dtype, q.device)
-            if self.mask is not None and group > 1:
+            # A mask shared by all heads and query rows (decode, padding) broadcasts
+            # over the folded rows as it is.
+            shared = self.mask is not None and self.mask.shape[1] == 1 and self.mask.shape[2] == 1
+            if self.mask is not None and group > 1 and not shared:
                 self.mask = _fold_mask(self.mask, batch, q_heads, kv_heads, group, q_len, k_len)
 
     def rows_in(self, x):
@@ -234,24 +237,31 @@ class _CpuLayout:
 
 
 def _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, device):
-    """Combine the user mask and the causal offset into one 4-D additive mask, or None."""
+    """Combine the user mask and the causal offset into one 4-D additive mask, or None.
+
+    Runs on every call (every layer of every decode step), so it stays at a
+    couple of tensor ops.
+    """
     if attn_mask is None and causal_offset is None:
         return None
-    allowed = None
+    allowed, additive = None, None
+    if attn_mask is not None:
+        if attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            additive = attn_mask.to(dtype)
     if causal_offset is not None:
         rows = torch.arange(q_len, device=device).unsqueeze(1)
         cols = torch.arange(k_len, device=device).unsqueeze(0)
-        allowed = (cols <= rows + causal_offset)[None, None]
-    additive = torch.zeros((1, 1, 1, 1), dtype=dtype, device=device)
-    if attn_mask is not None:
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        if attn_mask.dtype == torch.bool:
-            allowed = attn_mask if allowed is None else allowed & attn_mask
-        else:
-            additive = attn_mask.to(dtype)
-    if allowed is not None:
-        additive = torch.where(allowed, additive, torch.tensor(float("-inf"), dtype=dtype, device=device))
-    return additive
+        causal = (cols <= rows + causal_offset)[None, None]
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is None:
+        return additive
+    if additive is None:
+        additive = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, additive, torch.full((), float("-inf"), dtype=dtype, device=device))
 
 
 def _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len):
