@@ -21,11 +21,12 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing torch==$TORCH_VERSION" >&2
     pip_install "torch==$TORCH_VERSION"
 fi
-# Every later install is held to the torch that is now there.
+# Every later install is held to the torch that is now there, and to the
+# versions CI is run with (scripts/constraints.txt).
 INSTALLED_TORCH="$("$VENV_PY" -c 'import torch; print(torch.__version__)')"
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
-echo "torch==$INSTALLED_TORCH" > "$CONSTRAINTS"
+{ echo "torch==$INSTALLED_TORCH"; grep -v '^#' scripts/constraints.txt; } > "$CONSTRAINTS"
 
 echo "[setup] installing llmopt (editable) with its test extras" >&2
 pip_install -c "$CONSTRAINTS" -e ".[test]"

@@ -99,16 +99,22 @@ def static_int(value: Any) -> int | None:
 def normalize_source(text: str) -> str:
     """Turn Dynamo's source spellings into a dotted module path.
 
-    ``L['self']._modules['model']._modules['layers']._modules['0']`` and
-    ``L['self'].model.layers[0]`` both become ``model.layers.0``.
+    ``L['self']._modules['model']._modules['layers']._modules['0']``,
+    ``L['self'].model.layers[0]`` and ``L['args'][0].model.layers[0]`` all
+    become ``model.layers.0``.
     """
     text = re.sub(r"^L\['([^']*)'\]", r"\1", text)
     text = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", text)
     text = re.sub(r"\['([^']*)'\]", r".\1", text)
     text = re.sub(r"\[(\d+)\]", r".\1", text)
-    if text == "self":
-        return ""
-    return text[len("self."):] if text.startswith("self.") else text
+    # The compiled module itself is ``self``, or ``args[0]`` when Dynamo traces
+    # a ``*args`` wrapper around its forward (recent transformers do this).
+    for root in ("self", "args.0"):
+        if text == root:
+            return ""
+        if text.startswith(root + "."):
+            return text[len(root) + 1:]
+    return text
 
 
 def module_path(node: Node) -> str:
