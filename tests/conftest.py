@@ -15,3 +15,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model and its tokenizer, loaded once per session.
+
+    Shared by every test that asks for it: wrap it (torch.compile), never
+    change its weights or config. A missing model is a broken set-up
+    (scripts/setup.sh installs it), so this fails rather than skips.
+    """
+    from llmopt.models import load_cached
+
+    return load_cached("smollm2")

@@ -1,6 +1,5 @@
 """The llmopt backend end to end: registration, options, outputs, gradients, fallback, report."""
 
-import json
 import os
 import subprocess
 import sys
@@ -276,13 +275,6 @@ def test_debug_log_shows_graphs_before_and_after_each_pass():
 
 
 # ---------------------------------------------------------------- SmolLM2 (the embedded default)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from llmopt.models import load_cached
-
-    return load_cached("smollm2")
 
 
 @pytest.mark.slow

@@ -8,19 +8,10 @@ import torch
 
 import llmopt.models
 from llmopt.cli import main
-from llmopt.models import ModelNotInstalledError, load_cached
 
 QUESTION = "What is the capital of France?"
 STATS_LINE = re.compile(
     r"^\[(\d+) tokens, [\d.]+ tokens/s decode, prefill [\d.]+ s, compile [\d.]+ s, lower=eager\]$", re.M)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_cached("smollm2")
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 
 import llmopt
 
-from llmopt.models import ModelNotInstalledError, load_cached, random_hf_model, random_llama
+from llmopt.models import random_hf_model, random_llama
 from llmopt.runtime.generate import (
     GenerationStats,
     cache_length,
@@ -14,14 +14,6 @@ from llmopt.runtime.generate import (
 )
 
 PROMPT = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(7))
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_cached("smollm2")
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
 
 
 def hf_greedy(model, prompt_ids, max_tokens):

@@ -77,13 +77,6 @@ def test_training_gradients_match_eager(name, lower):
 # ---------------------------------------------------------------- SmolLM2, the real model
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from llmopt.models import load_cached
-
-    return load_cached("smollm2")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lower", ["eager", "inductor"])
 def test_smollm2_training_gradients_match_eager(smollm2, lower):

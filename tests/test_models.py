@@ -11,20 +11,11 @@ from llmopt.models import (
     HandwrittenGPT,
     ModelNotInstalledError,
     load,
-    load_cached,
     random_handwritten_gpt,
     random_hf_model,
     random_llama,
 )
 from llmopt.models.smollm2 import GGUF_FILE, PACKAGE
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_cached("smollm2")
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
 
 
 # --- load() errors and dispatch ------------------------------------------------
