@@ -23,7 +23,7 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
 fi
 # Every later install is held to the torch that is now there, and to the
 # versions CI is run with (scripts/constraints.txt).
-INSTALLED_TORCH="$("$VENV_PY" -c 'import torch; print(torch.__version__)')"
+INSTALLED_TORCH="$("$VENV_PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 { echo "torch==$INSTALLED_TORCH"; grep -v '^#' scripts/constraints.txt; } > "$CONSTRAINTS"
