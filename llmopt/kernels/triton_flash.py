@@ -149,6 +149,42 @@ def _apply_user_mask(s, mask_ptrs, load_mask, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k) of batch entry / packed sequence ``off_b``."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + off_b)
+        seqlen_q = tl.load(CuQ + off_b + 1) - q_start
+        k_start = tl.load(CuK + off_b)
+        seqlen_k = tl.load(CuK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = Lq
+        seqlen_k = Lk
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+    """Fold one key block into a running softmax-weighted sum.
+
+    ``s`` are the block's scores in the log2 domain (scale already folded with
+    log2(e), masked entries -inf); ``(acc, m_i, l_i)`` are the running output,
+    row maximum and row sum. Shared by the dense and the paged kernels.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no visible key so far has m_new = -inf: use 0 as the reference so
+    # that exp2(-inf - ref) = 0 instead of NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_rows, rows_m, lo, hi,
                skn, svn, smn, seqlen_q, seqlen_k, qk_scale, c,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -180,16 +216,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_rows, rows_m, lo, hi,
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= rows_m[:, None] + c)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far has m_new = -inf: use 0 as the reference so
-        # that exp2(-inf - ref) = 0 instead of NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
     return acc, m_i, l_i
@@ -213,16 +240,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Mask, CuQ, CuK,
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + off_b)
-        seqlen_q = tl.load(CuQ + off_b + 1) - q_start
-        k_start = tl.load(CuK + off_b)
-        seqlen_k = tl.load(CuK + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = Lq
-        seqlen_k = Lk
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
     num_m = (seqlen_q + BLOCK_M - 1) // BLOCK_M
     if pid_m >= num_m:
         return
@@ -382,16 +400,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, CuQ, CuK,
     pid_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + off_b)
-        seqlen_q = tl.load(CuQ + off_b + 1) - q_start
-        k_start = tl.load(CuK + off_b)
-        seqlen_k = tl.load(CuK + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = Lq
-        seqlen_k = Lk
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -505,16 +514,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, CuQ, CuK,
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + off_b)
-        seqlen_q = tl.load(CuQ + off_b + 1) - q_start
-        k_start = tl.load(CuK + off_b)
-        seqlen_k = tl.load(CuK + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = Lq
-        seqlen_k = Lk
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
     num_m = (seqlen_q + BLOCK_M - 1) // BLOCK_M
     if pid_m >= num_m:
         return

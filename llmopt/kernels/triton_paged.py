@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.kernels.triton_flash import online_softmax_step
+
 __all__ = [
     "write_kv_cache",
     "paged_decode",
@@ -264,16 +266,7 @@ def _prefill_inner(acc, m_i, l_i, q, bt_row, sbb, KC, VC, hk64,
         if MASKED:
             keep = pos_ok[None, :] & (pos[None, :] <= rows[:, None] + ctx)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that see no key yet (only padding rows past q_len) keep m = -inf: use 0 as
-        # the reference so exp2(-inf - ref) = 0 rather than NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     return acc, m_i, l_i
 
 
