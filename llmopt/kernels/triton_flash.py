@@ -165,6 +165,22 @@ def _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(pid_m, seqlen_q, seqlen_k, causal_offset, IS_CAUSAL: tl.constexpr, CAUSAL_BR: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """(number of query blocks, first row of this program's block, causal offset for the
+    sequence). Causal grids take the heaviest (last) query blocks first: better tail balance."""
+    num_m = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    if IS_CAUSAL:
+        start_m = (num_m - 1 - pid_m) * BLOCK_M
+    else:
+        start_m = pid_m * BLOCK_M
+    c = causal_offset
+    if CAUSAL_BR:
+        c = c + seqlen_k - seqlen_q
+    return num_m, start_m, c
+
+
+@triton.jit
 def online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
     """Fold one key block into a running softmax-weighted sum.
 
@@ -241,17 +257,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, Mask, CuQ, CuK,
     off_b = tl.program_id(2)
     off_hk = off_h // GROUP
     q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
-    num_m = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    num_m, start_m, c = _query_block(pid_m, seqlen_q, seqlen_k, causal_offset, IS_CAUSAL, CAUSAL_BR, BLOCK_M)
     if pid_m >= num_m:
         return
-    if IS_CAUSAL:
-        # Heaviest (last) query blocks first: better tail balance.
-        start_m = (num_m - 1 - pid_m) * BLOCK_M
-    else:
-        start_m = pid_m * BLOCK_M
-    c = causal_offset
-    if CAUSAL_BR:
-        c = c + seqlen_k - seqlen_q
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -515,16 +523,9 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, CuQ, CuK,
     off_b = tl.program_id(2)
     off_hk = off_h // GROUP
     q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
-    num_m = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    num_m, start_m, c = _query_block(pid_m, seqlen_q, seqlen_k, causal_offset, IS_CAUSAL, CAUSAL_BR, BLOCK_M)
     if pid_m >= num_m:
         return
-    if IS_CAUSAL:
-        start_m = (num_m - 1 - pid_m) * BLOCK_M
-    else:
-        start_m = pid_m * BLOCK_M
-    c = causal_offset
-    if CAUSAL_BR:
-        c = c + seqlen_k - seqlen_q
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.kernels.triton_flash import online_softmax_step
+from llmopt.kernels.triton_flash import _LOG2E, online_softmax_step
 
 __all__ = [
     "write_kv_cache",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634
 
 # Block sizes used under the interpreter (tests may monkeypatch): decode key tile,
 # prefill (query tile, key tile). 16 is the smallest tile tl.dot accepts.
@@ -193,13 +192,7 @@ def _decode_kernel(Q, KC, VC, BT, SeqLens, QSL, Out, MidO, MidL,
         v = _load_kv_tile(VC, phys, off, pos_ok, hk64, svb, svo, svh, svd, offs_d, HEAD_DIM, True, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)  # m_new is finite: every tile has a valid key
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
