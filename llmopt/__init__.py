@@ -10,21 +10,53 @@ from llmopt.rewriter.explain import explain
 from llmopt.rewriter.log import LLMOptWarning
 from llmopt.rewriter.pipeline import LLMOptPassError
 from llmopt.rewriter.report import Report
+from llmopt.quantization import (  # already loaded by the quantize pass
+    QuantConfig,
+    QuantizedWeights,
+    load_quantized,
+    quantize_weights,
+    save_quantized,
+    weight_bytes,
+)
 
 __version__ = "0.1.0"
 
 
+_RUNTIME_NAMES = {
+    "LLM": "llmopt.runtime.llm",
+    "SamplingParams": "llmopt.runtime.sampling_params",
+    "RequestOutput": "llmopt.runtime.outputs",
+    "CompletionOutput": "llmopt.runtime.outputs",
+    "EngineConfig": "llmopt.runtime.engine_config",
+}
+
+
 def __getattr__(name):
+    if name in _RUNTIME_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_RUNTIME_NAMES[name]), name)
     # Submodules that pull in transformers load on first use, so that
     # torch.compile(backend="llmopt") stays quick to import.
-    if name in ("models", "runtime"):
+    if name in ("models", "runtime", "quality", "pruning"):
         import importlib
 
         return importlib.import_module(f"llmopt.{name}")
     raise AttributeError(f"module 'llmopt' has no attribute {name!r}")
 
 __all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "RequestOutput",
+    "SamplingParams",
     "LLMOptConfig",
+    "QuantConfig",
+    "QuantizedWeights",
+    "load_quantized",
+    "quantize_weights",
+    "save_quantized",
+    "weight_bytes",
     "LLMOptConfigError",
     "LLMOptLoweringError",
     "LLMOptPassError",

@@ -1,4 +1,6 @@
-"""The ``llmopt`` command line: ``llmopt generate "prompt"`` and ``llmopt explain``.
+"""The ``llmopt`` command line: ``generate`` (one prompt on the serving engine),
+``serve`` (the OpenAI-compatible server), ``explain`` (what the backend rewrites)
+and ``eval`` (perplexity).
 
 Heavy imports (torch, transformers) happen inside the commands so that
 ``--help`` and argument errors answer at once.
@@ -59,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed for sampling")
     gen.add_argument("--lower", choices=("inductor", "eager"), default="inductor",
                      help="where llmopt lowers the rewritten graph (default inductor)")
-    gen.add_argument("--no-compile", action="store_true", help="run the model eagerly, without torch.compile")
+    gen.add_argument("--no-compile", action="store_true", help="run the plain Hugging Face cache loop: no torch.compile, no serving engine")
     gen.set_defaults(run=_generate)
 
     exp = commands.add_parser("explain", help="show what the llmopt backend does to a model", description=(
@@ -69,6 +71,23 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--lower", choices=("eager", "inductor"), default="eager",
                      help="lowering to include in the report (default eager: the report is about the rewrite)")
     exp.set_defaults(run=_explain)
+
+    srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API", description=(
+        "Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models and /health "
+        "with the llmopt engine; concurrent requests are batched together."))
+    _add_model_argument(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--lower", choices=("inductor", "eager"), default="inductor",
+                     help="where llmopt lowers the rewritten graph (default inductor)")
+    srv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                     help="weights and KV cache dtype (default float32)")
+    srv.add_argument("--max-num-seqs", type=_positive_int, help="most requests in one engine step")
+    srv.add_argument("--max-model-len", type=_positive_int, help="most tokens (prompt + output) per request")
+    srv.add_argument("--kv-cache-gib", type=_positive_float, help="KV cache budget in GiB (CPU)")
+    srv.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    srv.set_defaults(run=_serve)
+    _add_eval_parser(commands)
     return parser
 
 
@@ -78,26 +97,40 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from llmopt.runtime.generate import GenerationStats, generate_stream, warm_up
-
     model, tokenizer = _load(args.model)
     prompt_ids = _chat_prompt(tokenizer, args.prompt, args.system)
     if args.no_compile:
-        runner, compile_s = model, None
-    else:
-        _progress(f"compiling with torch.compile(backend='llmopt', lower={args.lower}); "
-                  "the first calls take a while on CPU ...")
-        runner = torch.compile(model, backend="llmopt", options={"lower": args.lower})
-        # Compilation happens on the first prefill and decode calls; doing them
-        # here keeps it out of the prefill and tokens/s figures.
-        compile_s = warm_up(runner, prompt_ids, args.max_tokens)
+        return _generate_uncompiled(args, model, tokenizer, prompt_ids)
+    from llmopt.runtime.llm import LLM
+    from llmopt.runtime.sampling_params import SamplingParams
+
+    _progress(f"compiling with torch.compile(backend='llmopt', lower={args.lower}) for the serving "
+              "engine (paged KV cache); the first call takes a while on CPU ...")
+    llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    printed, output, start = "", None, time.perf_counter()
+    for output in llm.stream([prompt_ids[0].tolist()], params):
+        sys.stdout.write(output.text[len(printed):])
+        sys.stdout.flush()
+        printed = output.text
+    print()
+    metrics, count = output.metrics, len(output.token_ids)
+    decode_s = metrics.finished_time - metrics.first_token_time
+    rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0
+    print(f"[{count} tokens, {rate:.1f} tokens/s decode, prefill {metrics.first_token_time - start:.2f} s, "
+          f"compile {llm.engine.warmup_seconds:.1f} s, lower={args.lower}]", file=sys.stderr)
+    return 0
+
+
+def _generate_uncompiled(args, model, tokenizer, prompt_ids) -> int:
+    """--no-compile: the plain Hugging Face cache loop, without the engine (for comparison)."""
+    from llmopt.runtime.generate import GenerationStats, generate_stream
 
     stats = GenerationStats()
     tokens: list[int] = []
     printed = ""
-    stream = generate_stream(runner, tokenizer, prompt_ids, args.max_tokens, temperature=args.temperature,
+    stream = generate_stream(model, tokenizer, prompt_ids, args.max_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, stats=stats)
     for token in stream:
         tokens.append(token)
@@ -110,10 +143,8 @@ def _generate(args) -> int:
         sys.stdout.flush()
         printed = text
     print()
-
-    compiled = "no compile" if compile_s is None else f"compile {compile_s:.1f} s, lower={args.lower}"
     print(f"[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tokens/s decode, "
-          f"prefill {stats.prefill_s:.2f} s, {compiled}]", file=sys.stderr)
+          f"prefill {stats.prefill_s:.2f} s, no compile]", file=sys.stderr)
     return 0
 
 
@@ -126,6 +157,109 @@ def _explain(args) -> int:
     report = llmopt.explain(model, prompt_ids, options={"lower": args.lower})
     print(report)
     return 0
+
+
+def _serve(args) -> int:
+    from llmopt.models import ModelNotInstalledError
+    from llmopt.runtime.server import BindError, serve
+
+    options = {"model": args.model, "lower": args.lower, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+               "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib}
+    _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
+    try:
+        serve({k: v for k, v in options.items() if v is not None}, args.host, args.port, args.served_model_name)
+    except (BindError, ModelNotInstalledError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    return 0
+
+
+def _add_eval_parser(commands) -> None:
+    ev = commands.add_parser("eval", help="measure perplexity on a text", description=(
+        "Perplexity of the model on a text file (sliding windows: fixed context length and stride, each "
+        "token scored once), with llmopt's quantization and pruning options; prints a table, optionally JSON."))
+    ev.add_argument("--text", required=True, help="text file to score")
+    _add_model_argument(ev)
+    ev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype (default float32)")
+    ev.add_argument("--context-length", type=_positive_int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--stride", type=_positive_int, default=256, help="tokens between window starts (default 256)")
+    ev.add_argument("--max-tokens", type=_positive_int, help="score only the first N tokens of the text")
+    ev.add_argument("--quantize", help="backend option 'quantize' (e.g. int8, int4, w8a8, fp8)")
+    ev.add_argument("--group-size", type=_positive_int, help="backend option 'group_size' (int4)")
+    ev.add_argument("--prune-method", choices=("magnitude", "wanda"), help="prune with this score (default magnitude)")
+    ev.add_argument("--sparsity", type=_fraction, help="fraction pruned (default 0.5)")
+    ev.add_argument("--prune-pattern", choices=("unstructured", "2:4", "heads", "channels"),
+                    help="what is pruned (default unstructured); heads/channels shrink the layers")
+    ev.add_argument("--calibration", help="calibration text file for --prune-method wanda")
+    ev.add_argument("--calibration-tokens", type=_positive_int, default=2048,
+                    help="calibration tokens used (default 2048)")
+    ev.add_argument("--lower", choices=("eager", "inductor"), default="eager",
+                    help="lowering when compiled (default eager)")
+    ev.add_argument("--compile", action="store_true",
+                    help="compile with llmopt even when no option needs it (quantize/prune always compile)")
+    ev.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    ev.set_defaults(run=_eval)
+
+
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from llmopt import quality
+    from llmopt.config import LLMOptConfigError
+    from llmopt.models import ModelNotInstalledError, load
+
+    setting = _eval_setting(args)
+    try:
+        text = quality.read_text(args.text)
+        calibration = quality.read_text(args.calibration) if args.calibration else None
+        _check_eval_options(setting)
+        _progress(f"loading {args.model} ({args.dtype}) ...")
+        model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype))
+        tokens = quality.tokenize(tokenizer, text)[: args.max_tokens]
+        calibration_ids = quality.tokenize(tokenizer, calibration)[: args.calibration_tokens] if calibration else None
+        _progress(f"scoring {setting.label} on {len(tokens)} tokens (context {args.context_length}, "
+                  f"stride {args.stride}) ...")
+        row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration_ids)
+    except (OSError, ValueError, LLMOptConfigError, ModelNotInstalledError) as error:
+        raise UsageError(str(error)) from None
+    print(quality.format_table([row]))
+    print(f"(perplexity over {row['tokens_scored']} tokens of {args.text}: windows of {row['context_length']} "
+          f"tokens every {row['stride']}, each token scored once; seconds include compiling)")
+    record = {"model": args.model, "text": args.text, "rows": [row]}
+    print(json.dumps(record))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(record, out, indent=2)
+    return 0
+
+
+def _check_eval_options(setting) -> None:
+    """Bad option values fail before the slow model load."""
+    from llmopt.config import LLMOptConfig
+    from llmopt.pruning import PruneConfig
+
+    if setting.prune:
+        PruneConfig.from_options(setting.prune)
+    LLMOptConfig.from_options({k: v for k, v in setting.backend_options().items() if k != "prune"})
+
+
+def _eval_setting(args):
+    from llmopt.quality import Setting
+
+    if args.stride > args.context_length:
+        raise UsageError(f"--stride {args.stride} is longer than --context-length {args.context_length}; "
+                         "tokens between windows would go unscored")
+    prune = None
+    if args.prune_method or args.sparsity is not None or args.prune_pattern:
+        method, pattern = args.prune_method or "magnitude", args.prune_pattern or "unstructured"
+        if method == "wanda" and not args.calibration:
+            raise UsageError("--prune-method wanda needs --calibration FILE (a calibration text)")
+        default = 0.5 if pattern in ("unstructured", "2:4") else 0.25
+        prune = {"method": method, "pattern": pattern,
+                 "sparsity": args.sparsity if args.sparsity is not None else default}
+    return Setting(dtype=args.dtype, prune=prune, quantize=args.quantize, group_size=args.group_size,
+                   compile=True if args.compile else None, lower=args.lower)
 
 
 def _load(name: str):
@@ -158,10 +292,37 @@ def _progress(message: str) -> None:
     print(f"llmopt: {message}", file=sys.stderr, flush=True)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 # Lowering targets the rewritten graph can be handed to. "tensorrt" and "onnx"
 # are named so that the error for them is specific; they are not built yet.
@@ -35,6 +35,26 @@ class LLMOptConfig:
         verify: after each pass, re-run the graph on fake tensors and check
             its outputs keep their shapes and dtypes; a pass that breaks
             this is undone (or raises, with ``strict``).
+        paged_kv: rewrite each fused attention to read and write the serving
+            runtime's paged KV cache (``llmopt::paged_attention``); set by the
+            runtime, which calls the model with packed ``input_ids`` and
+            ``position_ids`` (see ``passes/page_kv_cache.py``).
+        prune: prune linear weights: None (default), or a dict / PruneConfig
+            with ``method`` ("magnitude", "wanda"), ``sparsity`` and
+            ``pattern`` ("unstructured", "2:4"); heads and channels are
+            :func:`llmopt.pruning.prune_model` (see ``llmopt/pruning``).
+        quantize: quantize the weights of linear layers: None (default),
+            ``"int8"`` / ``"int4"`` (weight-only), ``"fp8"`` (e4m3 weights;
+            emulated on CPU) or ``"w8a8"`` (int8 weights and activations); see
+            ``passes/quantize_linear.py`` and ``llmopt/quantization``.
+        group_size: int4 group length along the input features: 32, 64, 128
+            (default) or 256.
+        quantize_skip: layer-name patterns kept in float (globs on the module
+            path or its tail, e.g. ``"lm_head"``; ``"re:<regex>"``); by
+            default every linear layer is quantized.
+        quantized_weights: weights quantized and saved before
+            (``llmopt.quantization.save_quantized``), as a file path or a
+            ``QuantizedWeights``: installed as they are, not re-quantized.
     """
 
     lower: str = "inductor"
@@ -42,6 +62,12 @@ class LLMOptConfig:
     attention: bool = True
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     verify: bool = True
+    paged_kv: bool = False
+    prune: Any = None
+    quantize: Optional[str] = None
+    group_size: int = 128
+    quantize_skip: tuple[str, ...] = field(default_factory=tuple)
+    quantized_weights: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("lower", self.lower, LOWERING_TARGETS)
@@ -50,10 +76,17 @@ class LLMOptConfig:
                 f"option 'lower': target {self.lower!r} is not available in this "
                 f"version of llmopt; choose one of {_quoted(AVAILABLE_LOWERING_TARGETS)}"
             )
-        for name in ("strict", "attention", "verify"):
+        for name in ("strict", "attention", "verify", "paged_kv"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise LLMOptConfigError(f"option {name!r} must be True or False, got {value!r}")
+        if self.prune is not None:
+            from llmopt.pruning.config import backend_prune_config  # late: it imports this module
+
+            object.__setattr__(self, "prune", backend_prune_config(self.prune))
+        from llmopt.quantization.config import check_backend_options  # late: it imports this module
+
+        object.__setattr__(self, "quantize_skip", check_backend_options(self))
         disabled = self.disable_passes
         if isinstance(disabled, str) or not all(isinstance(p, str) for p in disabled):
             raise LLMOptConfigError(

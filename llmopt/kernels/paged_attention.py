@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -192,67 +193,108 @@ def _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
                          scale):
+    plan = plan_cpu_step(block_tables, seq_lens, query_start_loc, k_cache.shape[1], k_cache.shape[0],
+                         q.shape[0], q.dtype)
+    return paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan, scale)
+
+
+@dataclass
+class _PrefillPlan:
+    q0: int
+    q1: int
+    seq_len: int
+    blocks: Tensor  # the sequence's block ids, in order
+    mask: Optional[Tensor]  # bottom-right causal (1, 1, q_len, seq_len) additive mask; None: fresh prefill
+
+
+@dataclass
+class CpuStepPlan:
+    """What every layer of one step shares on the CPU path: computed once, used L times.
+
+    Decode rows (one new token) of all sequences are attended in one batched
+    call: their blocks gathered into a padded ``(Nd, Lpad)`` layout with an
+    additive mask hiding the padding. Longer chunks run one call each.
+    """
+
+    decode_rows: Optional[Tensor]  # (Nd,) query rows of the decode sequences
+    decode_blocks: Optional[Tensor]  # (Nd * max_blocks,) block ids, padded with block 0
+    decode_mask: Optional[Tensor]  # (Nd, 1, 1, max_blocks * block_size) additive
+    prefills: list[_PrefillPlan]
+
+
+def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
+                  num_tokens: int, dtype) -> CpuStepPlan:
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    max_blocks = block_tables.shape[1]
+    table = block_tables.to(torch.int64)
+    decode, prefills = [], []
+    for i, seq_len in enumerate(lens):
+        q0, q1 = starts[i], starts[i + 1]
+        q_len = q1 - q0
+        if q_len < 0 or q_len > seq_len:
+            _fail(f"sequence {i} has {q_len} new tokens but seq_len {seq_len}")
+        if q1 > num_tokens:
+            _fail(f"query_start_loc[{i + 1}] = {q1} exceeds the {num_tokens} query rows")
+        if q_len == 0:
+            continue
+        nb = -(-seq_len // block_size)
+        if nb > max_blocks:
+            _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has {max_blocks} columns")
+        if q_len == 1:
+            decode.append((q0, seq_len, nb, i))
+        else:
+            mask = None if q_len == seq_len else _bottom_right_mask(q_len, seq_len, dtype)
+            prefills.append(_PrefillPlan(q0, q1, seq_len, table[i, :nb], mask))
+    used = [table[i, :nb] for _, _, nb, i in decode] + [p.blocks for p in prefills]
+    if used:
+        ids = torch.cat(used)
+        if bool(((ids < 0) | (ids >= num_blocks)).any()):
+            _fail(f"block_tables holds block ids outside [0, {num_blocks})")
+    if not decode:
+        return CpuStepPlan(None, None, None, prefills)
+    width = max(nb for _, _, nb, _ in decode)
+    blocks = torch.zeros((len(decode), width), dtype=torch.int64)
+    mask = torch.full((len(decode), width * block_size), float("-inf"), dtype=dtype)
+    for row, (_, seq_len, nb, i) in enumerate(decode):
+        blocks[row, :nb] = table[i, :nb]
+        mask[row, :seq_len] = 0.0
+    rows = torch.tensor([q0 for q0, _, _, _ in decode], dtype=torch.int64)
+    return CpuStepPlan(rows, blocks.flatten(), mask[:, None, None, :], prefills)
+
+
+def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: CpuStepPlan, scale):
+    """The CPU implementation, given the step's plan (see :func:`plan_cpu_step`)."""
     num_tokens, q_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the plan's checks: no half-done step
     out = q.new_zeros((num_tokens, q_heads, head_dim))
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    num_seqs = len(lens)
-    max_blocks = block_tables.shape[1]
-
-    # Gather the blocks of every sequence with one index_select per cache.
-    n_blocks = []
-    for i in range(num_seqs):
-        q_len, seq_len = starts[i + 1] - starts[i], lens[i]
-        if q_len < 0 or q_len > seq_len:
-            _fail(f"sequence {i} has {q_len} new tokens but seq_len {seq_len}")
-        if starts[i + 1] > num_tokens:
-            _fail(f"query_start_loc[{i + 1}] = {starts[i + 1]} exceeds the {num_tokens} query rows")
-        nb = -(-seq_len // block_size) if q_len > 0 else 0
-        if nb > max_blocks:
-            _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has {max_blocks} columns")
-        n_blocks.append(nb)
-    _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the checks: no half-done step
-    if sum(n_blocks) == 0:
-        return out
-    table = block_tables.to(torch.int64)
-    idx = torch.cat([table[i, :nb] for i, nb in enumerate(n_blocks) if nb])
-    if bool(((idx < 0) | (idx >= num_blocks)).any()):
-        _fail(f"block_tables holds block ids outside [0, {num_blocks})")
-    keys = k_cache.index_select(0, idx).view(-1, kv_heads, head_dim)
-    values = v_cache.index_select(0, idx).view(-1, kv_heads, head_dim)
-
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    offset = 0
-    for i in range(num_seqs):
-        nb = n_blocks[i]
-        if nb == 0:
-            continue
-        q0, q1, seq_len = starts[i], starts[i + 1], lens[i]
-        q_len = q1 - q0
-        # (1, Hkv, seq_len, D) strided views of this sequence's keys/values.
-        kh = keys[offset:offset + seq_len].transpose(0, 1).unsqueeze(0)
-        vh = values[offset:offset + seq_len].transpose(0, 1).unsqueeze(0)
-        offset += nb * block_size
-        if q_len == 1:
-            # The group's query heads are the rows of one query tile; no mask: the single
-            # row sits at the last position and sees every key.
-            qf = q[q0].view(1, kv_heads, group, head_dim)
-            o, _ = flash(qf, kh, vh, 0.0, False, scale=scale)
-            out[q0] = o.reshape(q_heads, head_dim)
-            continue
+    if plan.decode_rows is not None:
+        num_decode = plan.decode_rows.shape[0]
+        # (Nd, Hkv, Lpad, D) strided views of the gathered blocks; the group's query
+        # heads are the rows of one query tile (no causal mask: each row is last).
+        keys = k_cache.index_select(0, plan.decode_blocks).view(num_decode, -1, kv_heads, head_dim)
+        values = v_cache.index_select(0, plan.decode_blocks).view(num_decode, -1, kv_heads, head_dim)
+        qd = q.index_select(0, plan.decode_rows).view(num_decode, kv_heads, group, head_dim)
+        o, _ = flash(qd, keys.transpose(1, 2), values.transpose(1, 2), 0.0, False,
+                     attn_mask=plan.decode_mask, scale=scale)
+        out.index_copy_(0, plan.decode_rows, o.reshape(num_decode, q_heads, head_dim))
+    for p in plan.prefills:
+        q_len = p.q1 - p.q0
+        kh = k_cache.index_select(0, p.blocks).view(-1, kv_heads, head_dim)[:p.seq_len]
+        vh = v_cache.index_select(0, p.blocks).view(-1, kv_heads, head_dim)[:p.seq_len]
         # Group in the batch axis: (G, Hkv, q_len, D) queries against stride-0 broadcast keys.
-        qb = q[q0:q1].view(q_len, kv_heads, group, head_dim).permute(2, 1, 0, 3)
-        kb = kh.expand(group, kv_heads, seq_len, head_dim)
-        vb = vh.expand(group, kv_heads, seq_len, head_dim)
-        if q_len == seq_len:
+        qb = q[p.q0:p.q1].view(q_len, kv_heads, group, head_dim).permute(2, 1, 0, 3)
+        kb = kh.transpose(0, 1).unsqueeze(0).expand(group, kv_heads, p.seq_len, head_dim)
+        vb = vh.transpose(0, 1).unsqueeze(0).expand(group, kv_heads, p.seq_len, head_dim)
+        if p.mask is None:
             o, _ = flash(qb, kb, vb, 0.0, True, scale=scale)  # top-left == bottom-right here
         else:
-            mask = _bottom_right_mask(q_len, seq_len, q.dtype)
-            o, _ = flash(qb, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
-        out[q0:q1] = o.permute(2, 1, 0, 3).reshape(q_len, q_heads, head_dim)
+            o, _ = flash(qb, kb, vb, 0.0, False, attn_mask=p.mask, scale=scale)
+        out[p.q0:p.q1] = o.permute(2, 1, 0, 3).reshape(q_len, q_heads, head_dim)
     return out
 
 

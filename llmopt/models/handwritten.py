@@ -98,12 +98,15 @@ class HandwrittenGPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)``. ``position_ids`` (default ``0..T-1``) lets the serving
+        runtime feed packed steps of several sequences (its model protocol)."""
         length = input_ids.shape[1]
-        if length > self.config.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds max_len={self.config.max_len}")
-        positions = torch.arange(length, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(positions)
+        if position_ids is None:
+            if length > self.config.max_len:
+                raise ValueError(f"sequence of {length} tokens exceeds max_len={self.config.max_len}")
+            position_ids = torch.arange(length, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(position_ids)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import operator
+
 from torch.fx import GraphModule, Node
 
 from llmopt.passes.base import GraphPass, PassContext, PassResult
+
+
+_IMPURE_OPERATORS = {getattr(operator, name) for name in (
+    "setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod",
+    "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor")}
 
 
 def _has_side_effects(node: Node) -> bool:
@@ -13,6 +20,9 @@ def _has_side_effects(node: Node) -> bool:
     # unused: those must stay.
     if node.is_impure():
         return True
+    if node.op == "call_function" and getattr(operator, getattr(node.target, "__name__", ""), None) is node.target:
+        # ``operator.and_``/``or_``/``not_`` are pure; in-place operators are named ``iand`` etc.
+        return node.target in _IMPURE_OPERATORS
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__"):
         return True

@@ -25,7 +25,7 @@ from llmopt.passes.attention_match import (
     match_softmax_attention,
 )
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, is_op, module_path
+from llmopt.passes.graph_utils import copy_location_meta, fake_value, is_op, module_path, propagate_fake
 
 KIND = "attention"
 
@@ -93,7 +93,7 @@ def replace_with_attention(graph: Graph, site: AttentionSite) -> Node:
 
     for node in new_nodes:
         copy_location_meta(anchor, node)
-    _propagate_fake(new_nodes)
+    propagate_fake(new_nodes)
     anchor.replace_all_uses_with(out)
     graph.erase_node(anchor)
     return out
@@ -118,24 +118,6 @@ def _combined_mask(call, site: AttentionSite) -> Any:
     if allowed is not None and bias is not None:
         return call("call_function", torch.where, allowed, bias, float("-inf"))
     return allowed if allowed is not None else bias
-
-
-def _propagate_fake(nodes: list[Node]) -> None:
-    """Give new nodes example values, as Dynamo's own nodes have."""
-    fake_mode = None
-    for node in nodes:
-        for arg in node.all_input_nodes:
-            fake_mode = fake_mode or getattr(fake_value(arg), "fake_mode", None)
-    if fake_mode is None:
-        return
-    with fake_mode:
-        for node in nodes:
-            args = torch.fx.node.map_arg(node.args, fake_value)
-            if node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **node.kwargs)
-            else:
-                value = node.target(*args, **node.kwargs)
-            node.meta["example_value"] = value
 
 
 def describe(site: AttentionSite) -> str:

@@ -148,3 +148,21 @@ def copy_location_meta(src: Node, dst: Node) -> None:
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
+
+
+def propagate_fake(nodes: list[Node]) -> None:
+    """Give new nodes example values, as Dynamo's own nodes have."""
+    fake_mode = None
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            fake_mode = fake_mode or getattr(fake_value(arg), "fake_mode", None)
+    if fake_mode is None:
+        return
+    with fake_mode:
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, fake_value)
+            if node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **node.kwargs)
+            else:
+                value = node.target(*args, **node.kwargs)
+            node.meta["example_value"] = value

@@ -18,6 +18,9 @@ from torch.fx import GraphModule
 from llmopt.passes.base import GraphPass, PassContext
 from llmopt.passes.eliminate_dead_code import EliminateDeadCode
 from llmopt.passes.fuse_attention import FuseAttention
+from llmopt.passes.page_kv_cache import PageKVCache
+from llmopt.passes.prune_linear import PruneLinear
+from llmopt.passes.quantize_linear import QuantizeLinear
 from llmopt.passes.graph_utils import fake_value, known_equal
 from llmopt.rewriter.log import logger, warn_fallback
 from llmopt.rewriter.report import GraphReport, PassRecord
@@ -25,6 +28,9 @@ from llmopt.rewriter.report import GraphReport, PassRecord
 # The order matters: rewrites first, clean-up last.
 PIPELINE: tuple[GraphPass, ...] = (
     FuseAttention(),
+    PageKVCache(),
+    PruneLinear(),  # before any quantize pass: quantize the pruned weights
+    QuantizeLinear(),
     EliminateDeadCode(),
 )
 
@@ -98,6 +104,20 @@ def _output_signature(gm: GraphModule) -> list[Any]:
     return [fake_value(v) for v in values]
 
 
+class _FakeAttrInterpreter(torch.fx.Interpreter):
+    """Reads tensors a pass installed on the module (``get_attr``) as fakes of the run's mode."""
+
+    def __init__(self, gm: GraphModule, fake_mode: Any) -> None:
+        super().__init__(gm)
+        self.fake_mode = fake_mode
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self.fake_mode.from_tensor(value, static_shapes=True)
+        return value
+
+
 def _verify_outputs(gm: GraphModule, expected: list[Any]) -> None:
     """Run the graph on Dynamo's fake inputs; its outputs must keep shape and dtype."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -108,7 +128,7 @@ def _verify_outputs(gm: GraphModule, expected: list[Any]) -> None:
     if fake_mode is None or any(i is None for i in inputs):
         return  # nothing to check against
     with fake_mode:
-        outputs = torch.fx.Interpreter(gm).run(*inputs)
+        outputs = _FakeAttrInterpreter(gm, fake_mode).run(*inputs)
     outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
     if len(outputs) != len(expected):
         raise RuntimeError(f"graph now has {len(outputs)} outputs, had {len(expected)}")

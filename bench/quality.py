@@ -1,0 +1,146 @@
+"""Quality table: SmolLM2 perplexity under each dtype, quantization and pruning setting.
+
+Perplexity on a text (default ../shared/data/text/macbeth.txt) with fixed
+windows (context 512, stride 256: each token scored once), capped to the
+first --max-tokens tokens so the whole table runs in minutes on CPU. Wanda's
+calibration text is another file (default tempest.txt), so the scored text is
+never seen during calibration. Quantized settings run only where the backend
+accepts the option. Pruning has no quality target yet: the numbers are
+reported as measured. Writes JSON under bench/results/ and prints a markdown
+table.
+
+    python bench/quality.py [--max-tokens 768] [--only fp32 bf16 prune ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmopt import quality  # noqa: E402
+from llmopt.config import LLMOptConfig, LLMOptConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TEXTS = ROOT.parent / "shared" / "data" / "text"
+QUANT_MODES = ("int8", "int4", "w8a8", "fp8")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--text", default=str(TEXTS / "macbeth.txt"))
+    p.add_argument("--calibration", default=str(TEXTS / "tempest.txt"), help="Wanda calibration text")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=768)
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity")
+    p.add_argument("--structured-sparsity", type=float, nargs="+", default=[0.5, 0.25],
+                   help="heads/channels ratios")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def settings(args) -> list[tuple[str, quality.Setting]]:
+    """(family, setting) for every row this run can measure."""
+    rows = [("fp32", quality.Setting()), ("bf16", quality.Setting(dtype="bfloat16"))]
+    for pattern in ("unstructured", "2:4"):
+        for method in ("magnitude", "wanda"):
+            prune = {"method": method, "pattern": pattern, "sparsity": 0.5 if pattern == "2:4" else args.sparsity}
+            rows.append((pattern, quality.Setting(prune=prune)))
+    for pattern in ("heads", "channels"):
+        for sparsity in args.structured_sparsity:
+            for method in ("magnitude", "wanda"):
+                rows.append((pattern, quality.Setting(prune={"method": method, "pattern": pattern,
+                                                             "sparsity": sparsity})))
+    # Quantized settings last: on a busy CPU they are the slowest to run.
+    for mode in QUANT_MODES:
+        if not _accepted(mode):
+            print(f"quantize {mode!r}: not accepted by the backend, skipped", file=sys.stderr)
+            continue
+        sizes = GROUP_SIZES if mode == "int4" else (None,)
+        rows += [("quantize", quality.Setting(quantize=mode, group_size=g)) for g in sizes]
+    return [(family, s) for family, s in rows if not args.only or family in args.only]
+
+
+def _accepted(mode: str) -> bool:
+    try:
+        LLMOptConfig.from_options({"quantize": mode})
+    except (LLMOptConfigError, TypeError, ImportError):
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from llmopt.models import load
+
+    started = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=torch.float32)
+    tokens = quality.tokenize(tokenizer, quality.read_text(args.text))
+    total_tokens = len(tokens)
+    tokens = tokens[: args.max_tokens]
+    calibration = quality.tokenize(tokenizer, quality.read_text(args.calibration))[: args.calibration_tokens]
+    rows = []
+    for family, setting in settings(args):
+        print(f"== {setting.label}", file=sys.stderr, flush=True)
+        # Every setting compiles the same forward again: start from a clean Dynamo
+        # cache, or the recompile limit would quietly run later settings eagerly.
+        torch._dynamo.reset()
+        try:
+            row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration)
+        except Exception as error:  # noqa: BLE001 - one failed setting must not lose the table
+            print(f"   failed: {type(error).__name__}: {error}", file=sys.stderr)
+            rows.append({"setting": setting.label, "family": family, "error": f"{type(error).__name__}: {error}"})
+            continue
+        row["family"] = family
+        rows.append(row)
+        print(f"   perplexity {row['perplexity']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    runtime = time.perf_counter() - started
+    record = {
+        "benchmark": "quality",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "text": Path(args.text).name,
+        "text_tokens": total_tokens,
+        "scored_prefix_tokens": len(tokens),
+        "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens (Wanda only)",
+        "context_length": args.context_length,
+        "stride": args.stride,
+        "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling",
+        "runtime_s": runtime,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"quality-{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(record, indent=2))
+    good = [r for r in rows if "error" not in r]
+    print(f"\n{args.model} on {Path(args.text).name}: first {len(tokens)} of {total_tokens} tokens, "
+          f"context {args.context_length}, stride {args.stride} (each token scored once)\n")
+    print(quality.format_table(good))
+    for row in rows:
+        if "error" in row:
+            print(f"\n{row['setting']}: {row['error']}")
+    print(f"\nruntime {runtime / 60:.1f} min; JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

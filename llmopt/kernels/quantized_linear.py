@@ -1,0 +1,277 @@
+"""Quantized linear layers as custom ops: ``llmopt::linear_int8``, ``linear_int4``,
+``linear_fp8`` and ``linear_w8a8``.
+
+Each op computes ``x @ dequant(W).T (+ bias)`` for ``x`` of shape ``(..., K)``
+and returns ``(..., N)`` in ``x``'s dtype. Weight formats (``N`` output
+features, ``K`` input features; :mod:`llmopt.quantization` produces them):
+
+* int8 (weight-only, symmetric, per output channel): ``qweight`` int8
+  ``(N, K)``, ``scales`` ``(N,)``; ``W = qweight * scales[:, None]``.
+* int4 (weight-only, asymmetric, group-wise along K): ``qweight`` uint8
+  ``(N, Kp/2)`` with ``Kp`` = K rounded up to the group size (the padding
+  columns are zero weights; inputs are zero-padded to match), and
+  ``scales_zeros`` ``(Kp/g, N, 2)``; for ``k`` in group ``j``,
+  ``W[n, k] = (q[n, k] - 8) * scales_zeros[j, n, 0] + scales_zeros[j, n, 1]``
+  with ``q`` in 0..15 (the "float zero point" convention of PyTorch's int4
+  kernels). Two layouts of ``qweight``: ``"nibble"`` (byte ``k // 2``, low
+  nibble for even ``k``: the saved format, read by the Triton kernels) and
+  ``"cpu_tiled"`` (what ``aten._convert_weight_to_int4pack_for_cpu`` makes of
+  it; same shape, different order).
+* fp8: ``qweight`` ``float8_e4m3fn`` ``(N, K)``, ``scales`` ``(N,)``.
+* w8a8: int8 weights as for int8, activations quantized per token
+  (symmetric int8, scale ``max|x_row| / 127``) on every call; optional
+  ``smooth`` ``(K,)`` (SmoothQuant): the weight was multiplied by it before
+  quantization, so ``x`` is divided by it here.
+
+What PyTorch 2.13's CPU build offers (checked against fp64 references):
+
+* ``aten._weight_int8pack_mm(x (M, K), qweight int8 (N, K), scales (N,))``:
+  ``x`` fp32, bf16 or fp16, ``scales`` in ``x``'s dtype. fp32 and fp16 take
+  any N and K; bf16 needs ``K % 16 == 0`` (otherwise NaN / garbage, or a
+  segfault). So int8 weights installed for CPU are zero-padded to a multiple
+  of 16 columns (``qweight`` may be wider than ``x``; ``x`` is zero-padded to
+  match), and the op never hands that kernel a bf16 K that is not.
+* ``aten._convert_weight_to_int4pack_for_cpu(q int32 (N, K) in 0..15, 1)`` ->
+  uint8 ``(N, K/2)`` (a tiled order, not plain nibbles; the inner-k-tiles
+  argument makes no difference on CPU); requires ``N % 16 == 0``.
+  ``aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros (K/g, N, 2))``:
+  ``x`` fp32, bf16 or fp16 with ``scales_zeros`` in the same dtype, ``g`` in
+  {32, 64, 128, 256}, ``K % g == 0``; computes the formula above.
+* ``torch._int_mm(a int8 (M, K), b int8 (K, N)) -> int32``: any M, N, K on
+  CPU (CUDA wants M > 16 and multiples of 8); exact.
+* fp8: no CPU fp8 matmul. The CPU path is emulated: the e4m3 weight is
+  converted to ``x``'s dtype on every call and the per-channel scale applied to
+  the product, so it saves memory but not time. On CUDA a Triton fp8 GEMM runs.
+
+Other dtypes (fp64), int4 weights whose N is not a multiple of 16 (kept in the
+nibble layout) and int8/int4 on a device without a kernel run a
+dequantize-then-matmul reference. On CUDA, int8/int4/fp8 run the Triton
+kernels of :mod:`llmopt.kernels.triton_quant`; ``LLMOPT_QUANT_IMPL=triton``
+with ``TRITON_INTERPRET=1`` routes CPU tensors to them too (for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "INT4_LAYOUTS",
+    "dequantize_fp8",
+    "dequantize_int4",
+    "dequantize_int8",
+    "linear_fp8",
+    "linear_int4",
+    "linear_int8",
+    "linear_w8a8",
+    "pack_int4",
+    "pad_int8_for_cpu",
+    "quantize_per_token",
+    "to_cpu_int4_layout",
+    "unpack_int4",
+]
+
+INT4_LAYOUTS = ("nibble", "cpu_tiled")
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # Lets tests drive the Triton kernels through the ops on CPU, under the interpreter.
+    return os.environ.get("LLMOPT_QUANT_IMPL") == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------- formats
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """``(N, K)`` integers in 0..15 (K even) -> uint8 ``(N, K/2)``, low nibble = even k."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``(N, K/2)`` -> uint8 ``(N, K)``."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def to_cpu_int4_layout(packed: Tensor) -> Tensor:
+    """Nibble layout -> the tiled layout ``aten._weight_int4pack_mm_for_cpu`` reads."""
+    # The converter takes one int32 per weight (0..15): unpack straight into int32.
+    shifts = torch.tensor([0, 4], dtype=torch.int32, device=packed.device)
+    q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 15
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.flatten(-2), 1)
+
+
+def dequantize_int8(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    return (qweight.to(dtype) * scales.to(dtype)[:, None])
+
+
+def dequantize_int4(packed: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """Nibble-layout int4 -> ``(N, Kp)`` weights (the padding columns included)."""
+    q = unpack_int4(packed).to(dtype)
+    scales = scales_zeros[..., 0].to(dtype).t().repeat_interleave(group_size, dim=1)
+    zeros = scales_zeros[..., 1].to(dtype).t().repeat_interleave(group_size, dim=1)
+    return (q - 8) * scales + zeros
+
+
+def dequantize_fp8(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    return qweight.to(dtype) * scales.to(dtype)[:, None]
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: ``x ~ q * scale``, ``scale`` (M, 1) fp32."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+# ---------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("llmopt::linear_int8", mutates_args=())
+def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    x2 = _rows(x)
+    if use_triton(x.device):
+        from llmopt.kernels import triton_quant
+
+        out = triton_quant.int8_matmul(x2, qweight, scales)
+    elif _cpu_int8_kernel_ok(x, qweight):
+        x2 = _pad_columns(x2, qweight.shape[1])
+        out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
+    else:
+        out = x2 @ dequantize_int8(qweight, scales, x.dtype)[:, : x2.shape[1]].t()
+    return _finish(out, x, bias)
+
+
+@linear_int8.register_fake
+def _(x, qweight, scales, bias=None):
+    return _out_like(x, qweight.shape[0])
+
+
+@torch.library.custom_op("llmopt::linear_int4", mutates_args=())
+def linear_int4(
+    x: Tensor,
+    qweight: Tensor,
+    scales_zeros: Tensor,
+    group_size: int,
+    layout: str = "nibble",
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    x2 = _rows(x)
+    if layout == "cpu_tiled":
+        if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES:
+            raise ValueError(
+                f"llmopt::linear_int4: layout 'cpu_tiled' needs CPU inputs in fp32/bf16/fp16, "
+                f"got {x.dtype} on {x.device}"
+            )
+        x2 = _pad_columns(x2, qweight.shape[1] * 2)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, group_size, scales_zeros.to(x.dtype))
+    elif layout != "nibble":
+        raise ValueError(f"llmopt::linear_int4: layout {layout!r}; valid choices are {INT4_LAYOUTS}")
+    elif use_triton(x.device):
+        from llmopt.kernels import triton_quant
+
+        out = triton_quant.int4_matmul(x2, qweight, scales_zeros, group_size)
+    else:
+        weight = dequantize_int4(qweight, scales_zeros, group_size, x.dtype)[:, : x2.shape[1]]
+        out = x2 @ weight.t()
+    return _finish(out, x, bias)
+
+
+@linear_int4.register_fake
+def _(x, qweight, scales_zeros, group_size, layout="nibble", bias=None):
+    return _out_like(x, qweight.shape[0])
+
+
+@torch.library.custom_op("llmopt::linear_fp8", mutates_args=())
+def linear_fp8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    x2 = _rows(x)
+    if use_triton(x.device):
+        from llmopt.kernels import triton_quant
+
+        out = triton_quant.fp8_matmul(x2, qweight, scales)
+    else:
+        # Emulated: e4m3 values are exact in fp16/bf16/fp32, so convert, multiply,
+        # and apply the per-channel scale to the (M, N) product rather than the weight.
+        out = (x2 @ qweight.to(x.dtype).t()) * scales.to(x.dtype)
+    return _finish(out, x, bias)
+
+
+@linear_fp8.register_fake
+def _(x, qweight, scales, bias=None):
+    return _out_like(x, qweight.shape[0])
+
+
+@torch.library.custom_op("llmopt::linear_w8a8", mutates_args=())
+def linear_w8a8(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    smooth: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    x2 = _rows(x)
+    if smooth is not None:
+        x2 = x2 / smooth.to(x.dtype)
+    xq, x_scale = quantize_per_token(x2)
+    acc = _int8_matmul(xq, qweight)
+    out = (acc.float() * x_scale * scales.float()).to(x.dtype)
+    return _finish(out, x, bias)
+
+
+@linear_w8a8.register_fake
+def _(x, qweight, scales, smooth=None, bias=None):
+    return _out_like(x, qweight.shape[0])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _int8_matmul(xq: Tensor, qweight: Tensor) -> Tensor:
+    """int8 (M, K) @ int8 (N, K).T -> int32, exact."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if xq.device.type == "cpu":
+        return torch._int_mm(xq, qweight.t())
+    if k % 8 == 0 and n % 8 == 0:
+        # cuBLASLt's int8 GEMM wants M > 16: pad decode-sized batches with zero rows.
+        rows = F.pad(xq, (0, 0, 0, 17 - m)) if m <= 16 else xq
+        return torch._int_mm(rows, qweight.t())[:m]
+    # Other shapes: fp64 holds every partial sum (|sum| <= 127^2 * K) exactly.
+    return (xq.double() @ qweight.double().t()).to(torch.int32)
+
+
+def _cpu_int8_kernel_ok(x: Tensor, qweight: Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES:
+        return False
+    return x.dtype != torch.bfloat16 or qweight.shape[1] % 16 == 0  # see the module docstring
+
+
+def pad_int8_for_cpu(qweight: Tensor) -> Tensor:
+    """Zero columns up to a multiple of 16, which the CPU kernel needs for bf16 inputs."""
+    return _pad_columns(qweight, qweight.shape[1] + (-qweight.shape[1] % 16))
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``(..., K)`` -> contiguous ``(M, K)``: the kernels want plain row-major rows."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _pad_columns(x2: Tensor, width: int) -> Tensor:
+    return x2 if x2.shape[1] == width else F.pad(x2, (0, width - x2.shape[1]))
+
+
+def _finish(out: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _out_like(x: Tensor, n: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n))

@@ -1,0 +1,303 @@
+"""Quantize the weights of linear layers (``quantize`` option: int8, int4, fp8, w8a8).
+
+Each ``F.linear`` whose weight is a frozen parameter of the user's model (or a
+weight an earlier pass installed, e.g. a pruned copy) becomes one call of the
+matching ``llmopt::linear_*`` op of :mod:`llmopt.kernels.quantized_linear`. The
+packed weight, scales and zero points are installed on the graph module as
+buffers read through ``get_attr`` nodes; the user's module keeps its float
+weights (a tied embedding keeps its float matrix; only the linear use is
+quantized), and the parameter's placeholder stays, unused.
+
+Layers are named by their module path (``model.layers.0.mlp.up_proj``,
+``lm_head``), which is what ``quantize_skip`` patterns and saved weights
+(``quantized_weights``: a path written by ``llmopt.quantization.save_quantized``
+or a ``QuantizedWeights``) are matched against. A layer found in the saved
+weights is installed as saved (never re-quantized); one that is missing is
+quantized now, and the report notes it.
+
+Left alone, with the reason: graphs that compute gradients (quantized
+weights are constants and would get none), weights that are not parameters,
+layers matching ``quantize_skip``, non-floating or non-2-D weights.
+
+A model compiled into several graphs (prefill and decode, recompiles) shares
+one quantized copy per weight: what was installed is remembered, weakly, per
+weight tensor. Quantized copies are taken when a graph is compiled: changing
+the model's weights in place afterwards does not reach an existing graph
+(Dynamo does not guard on parameter values); recompile to pick them up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from torch.utils.weak import WeakIdKeyDictionary
+
+import llmopt.kernels.quantized_linear as qlinear
+from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
+from llmopt.passes.graph_utils import copy_location_meta, fake_value, module_path
+from llmopt.quantization import quantize as quantize_module
+from llmopt.quantization.config import QuantConfig
+from llmopt.quantization.storage import QuantizedWeights, load_quantized
+
+KIND = "quantize"
+LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+BUFFER_PREFIX = "llmopt_quant_"
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPS = {
+    "int8": torch.ops.llmopt.linear_int8.default,
+    "int4": torch.ops.llmopt.linear_int4.default,
+    "fp8": torch.ops.llmopt.linear_fp8.default,
+    "w8a8": torch.ops.llmopt.linear_w8a8.default,
+}
+
+
+class QuantizeLinear(GraphPass):
+    name = "quantize_linear"
+
+    def enabled(self, config) -> bool:
+        return getattr(config, "quantize", None) is not None and super().enabled(config)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        qconfig = QuantConfig.from_llmopt(ctx.config)
+        saved = saved_weights(ctx.config.quantized_weights, qconfig)
+        result = PassResult()
+        installed: dict[Node, list[Any]] = {}  # weight node -> op inputs (a weight used twice is quantized once)
+        fake_mode = _fake_mode(gm)
+        before = after = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
+                continue
+            layer = module_path(node)
+            weight_node = _arg(node, 1, "weight")
+            why = _why_not(weight_node, layer, ctx, qconfig)
+            if why:
+                result.skipped.append(Skipped(KIND, layer, why))
+                continue
+            weight = _weight_value(gm, weight_node, ctx)
+            if not isinstance(weight, torch.Tensor) or isinstance(weight, torch._subclasses.FakeTensor):
+                result.skipped.append(Skipped(KIND, layer, "no real value for the weight (fake or sparse)"))
+                continue
+            if weight_node not in installed:
+                prepared = _prepare(layer, weight, qconfig, saved)
+                installed[weight_node] = _install(gm, layer, prepared.inputs)
+                before += weight.numel() * weight.element_size()
+                after += prepared.nbytes
+                result.rewrites.append(Rewrite(KIND, layer, prepared.detail(weight)))
+            _replace(gm, node, installed[weight_node], qconfig, fake_mode)
+        if installed:
+            result.notes.append(
+                f"{qconfig.label}: {len(installed)} linear weight(s), {before / 2**20:.1f} MiB float -> "
+                f"{after / 2**20:.1f} MiB quantized (the model keeps its float weights)"
+            )
+        return result
+
+
+# ---------------------------------------------------------------- which layers
+
+
+def _arg(node: Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _why_not(weight: Any, layer: str, ctx: PassContext, qconfig: QuantConfig) -> str:
+    """Why this linear is left in float ("" if it is quantized)."""
+    if ctx.training:
+        return "graph computes gradients (training): quantized weights are frozen constants"
+    pattern = qconfig.skip_pattern(layer)
+    if pattern is not None:
+        return f"matches quantize_skip pattern {pattern!r}"
+    if not isinstance(weight, Node) or weight.op not in ("placeholder", "get_attr"):
+        return "weight is computed in the graph, not a parameter"
+    if weight.op == "placeholder" and weight.name not in ctx.parameters:
+        return "weight is a graph input, not a parameter"
+    value = fake_value(weight)
+    if value is not None and (value.dim() != 2 or value.dtype not in FLOAT_DTYPES):
+        return f"weight is {tuple(value.shape)} {value.dtype}; needs a 2-D fp32/bf16/fp16 matrix"
+    return ""
+
+
+def _weight_value(gm: GraphModule, weight: Node, ctx: PassContext) -> Any:
+    if weight.op == "get_attr":
+        value = gm
+        for part in weight.target.split("."):
+            value = getattr(value, part)
+        return value if type(value) in (torch.Tensor, torch.nn.Parameter) else None
+    return ctx.parameter_value(gm, ctx.parameters[weight.name])
+
+
+@dataclass
+class _Prepared:
+    """A layer's op inputs (tensors ready for the kernel, and constants) and what to report."""
+
+    inputs: list[Any]
+    nbytes: int
+    label: str
+    origin: str
+
+    def detail(self, weight: torch.Tensor) -> str:
+        float_bytes = weight.numel() * weight.element_size()
+        return f"{self.label}, {float_bytes} -> {self.nbytes} bytes, {self.origin}"
+
+
+# weight tensor -> {settings: (weight version, label, bytes, origin, weak refs to the inputs)}.
+# A model compiled into several graphs (prefill and decode, recompiles for new
+# shapes) then shares one quantized copy of each weight and quantizes it once.
+# Weak both ways: an entry lives only while its weight and the graphs that hold
+# the installed tensors do, and a weight changed in place (its version moved)
+# is quantized again.
+_PREPARED = WeakIdKeyDictionary()
+
+
+def _prepare(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
+    key = (layer, qconfig.mode, qconfig.group_size, weight.dtype, str(weight.device),
+           qlinear.use_triton(weight.device), _saved_key(saved))
+    entries = _PREPARED.setdefault(weight, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == weight._version:
+        inputs = [ref() if isinstance(ref, weakref.ref) else ref for ref in hit[4]]
+        if all(i is not None for i, ref in zip(inputs, hit[4]) if isinstance(ref, weakref.ref)):
+            return _Prepared(inputs, hit[2], hit[1], "shared with an earlier graph")
+    quantized, origin = _quantized(layer, weight, qconfig, saved)
+    label = f"int4 g{quantized.group_size}" if quantized.mode == "int4" else quantized.mode
+    inputs = _kernel_inputs(quantized, weight)
+    # Bytes as installed (CPU: scales in the weight's dtype, int8 padded to 16 columns).
+    nbytes = sum(i.numel() * i.element_size() for i in inputs if isinstance(i, torch.Tensor))
+    prepared = _Prepared(inputs, nbytes, label, origin)
+    refs = [weakref.ref(i) if isinstance(i, torch.Tensor) else i for i in prepared.inputs]
+    entries[key] = (weight._version, label, prepared.nbytes, origin, refs)
+    return prepared
+
+
+def _saved_key(saved: Optional[QuantizedWeights]) -> Any:
+    return None if saved is None else getattr(saved, "_llmopt_source", id(saved))
+
+
+def _quantized(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Optional[QuantizedWeights]):
+    """The layer's quantized weight and where it came from ("saved" or "quantized now")."""
+    if saved is not None and layer in saved.layers:
+        stored = saved.layers[layer]
+        if (stored.out_features, stored.in_features) != tuple(weight.shape):
+            raise ValueError(
+                f"saved quantized weights for {layer!r} are {stored.out_features}x{stored.in_features}, "
+                f"the model's weight is {tuple(weight.shape)}; were they made from another model?"
+            )
+        return stored, "saved"
+    # Through the module attribute, so tests can count calls.
+    quantized = quantize_module.quantize_weight(weight, qconfig.mode, qconfig.group_size)
+    return quantized, "quantized now" + (" (not in the saved weights)" if saved is not None else "")
+
+
+# ---------------------------------------------------------------- saved weights
+
+
+def saved_weights(option: Any, qconfig: QuantConfig) -> Optional[QuantizedWeights]:
+    """The ``quantized_weights`` option as a QuantizedWeights matching ``qconfig`` (or None)."""
+    if option is None:
+        return None
+    weights = option if isinstance(option, QuantizedWeights) else _load(option)
+    if weights.mode != qconfig.mode or (qconfig.mode == "int4" and weights.group_size != qconfig.group_size):
+        raise ValueError(
+            f"option 'quantized_weights' holds {weights.label()} weights but the options ask for "
+            f"{qconfig.label}; set 'quantize'/'group_size' to match the saved weights"
+        )
+    return weights
+
+
+def _load(path: Any) -> QuantizedWeights:
+    # Read again for each graph (memory-mapped, so cheap); the file's name and
+    # modification time identify its layers in the cache of prepared weights.
+    path = os.path.abspath(os.fspath(path))
+    weights = load_quantized(path)
+    weights._llmopt_source = (path, os.stat(path).st_mtime_ns)
+    return weights
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+class _Buffer(str):
+    """Name of a tensor installed on the graph module (read through a get_attr node)."""
+
+
+def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
+    """The op's arguments after ``x`` (bias and group size aside), on the weight's
+    device, in the layout its kernel reads."""
+    t = {k: v.to(weight.device) for k, v in quantized.tensors.items()}
+    cpu = weight.device.type == "cpu" and not qlinear.use_triton(weight.device)
+    if cpu and quantized.mode in ("int8", "int4"):
+        # PyTorch's CPU kernels take their scales in the activations' dtype.
+        for key in ("scales", "scales_zeros"):
+            if key in t:
+                t[key] = t[key].to(weight.dtype)
+    if quantized.mode == "int4":
+        # The CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
+        tiled = cpu and quantized.out_features % 16 == 0 and weight.dtype in qlinear.CPU_KERNEL_DTYPES
+        qweight = qlinear.to_cpu_int4_layout(t["qweight"]) if tiled else t["qweight"]
+        return [qweight, t["scales_zeros"], "cpu_tiled" if tiled else "nibble"]
+    if quantized.mode == "int8" and cpu:
+        return [qlinear.pad_int8_for_cpu(t["qweight"]), t["scales"]]
+    if quantized.mode == "w8a8":
+        return [t["qweight"], t["scales"], t.get("smooth")]
+    return [t["qweight"], t["scales"]]
+
+
+def _install(gm: GraphModule, layer: str, inputs: list[Any]) -> list[Any]:
+    """Register the tensors among ``inputs`` as buffers (replaced by their names)."""
+    base = BUFFER_PREFIX + re.sub(r"\W", "_", layer)
+    while hasattr(gm, base + "_0"):  # the same layer name twice: keep both
+        base += "_"
+    installed = []
+    for i, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            installed.append(value)
+            continue
+        name = _Buffer(f"{base}_{i}")
+        gm.register_buffer(name, value)
+        # AOTAutograd lifts the graph's buffers as inputs and asks Dynamo's table
+        # for each one's source; a constant source names ours.
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:
+            from torch._dynamo.source import ConstantSource
+
+            sources[name] = ConstantSource(name)
+        installed.append(name)
+    return installed
+
+
+def _replace(gm: GraphModule, node: Node, installed: list[Any], qconfig: QuantConfig, fake_mode) -> None:
+    graph = gm.graph
+    x, bias = _arg(node, 0, "input"), _arg(node, 2, "bias")
+    with graph.inserting_before(node):
+        inputs = [_get_attr(gm, v, fake_mode) if isinstance(v, _Buffer) else v for v in installed]
+        if qconfig.mode == "int4":
+            qweight, scales_zeros, layout = inputs
+            args = (x, qweight, scales_zeros, qconfig.group_size, layout, bias)
+        else:
+            args = (x, *inputs, bias)
+        call = graph.call_function(OPS[qconfig.mode], args)
+    copy_location_meta(node, call)
+    call.meta["example_value"] = fake_value(node)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def _get_attr(gm: GraphModule, name: str, fake_mode) -> Node:
+    node = gm.graph.get_attr(str(name))
+    if fake_mode is not None:
+        node.meta["example_value"] = fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
+    return node
+
+
+def _fake_mode(gm: GraphModule):
+    for node in gm.graph.nodes:
+        mode = getattr(fake_value(node), "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None

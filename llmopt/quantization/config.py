@@ -1,0 +1,126 @@
+"""What to quantize and how: :class:`QuantConfig`, checked like the backend's options.
+
+The compile options ``quantize``, ``group_size`` and ``quantize_skip`` map to
+``mode``, ``group_size`` and ``skip``; errors name the compile option.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from llmopt.config import LLMOptConfigError
+
+MODES = ("int8", "int4", "fp8", "w8a8")
+GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
+REGEX_PREFIX = "re:"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize the linear layers of a model.
+
+    Attributes:
+        mode: ``"int8"`` (weight-only, symmetric, per output channel),
+            ``"int4"`` (weight-only, asymmetric, group-wise along the input
+            features), ``"fp8"`` (e4m3 weights, per-channel scales) or
+            ``"w8a8"`` (int8 weights and per-token int8 activations).
+        group_size: int4 group length along the input features (32, 64, 128, 256).
+        skip: layer-name patterns left in float. A glob matches the dotted
+            module path (``"lm_head"``, ``"model.layers.0.*"``) or its tail
+            (``"down_proj"`` matches every ``....mlp.down_proj``); a pattern
+            starting with ``"re:"`` is a regular expression searched in the path.
+        smoothquant_alpha: migration strength for w8a8 with calibration
+            (0 keeps the activations' outliers, 1 moves them all to the weights).
+    """
+
+    mode: str
+    group_size: int = 128
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    smoothquant_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        check_group_size(self.group_size)
+        object.__setattr__(self, "skip", check_skip(self.skip))
+        alpha = self.smoothquant_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise LLMOptConfigError(f"smoothquant_alpha must be a number in [0, 1], got {alpha!r}")
+
+    @classmethod
+    def from_llmopt(cls, config: Any) -> "QuantConfig":
+        """The quantization part of an :class:`llmopt.LLMOptConfig`."""
+        return cls(mode=config.quantize, group_size=config.group_size, skip=config.quantize_skip)
+
+    @property
+    def label(self) -> str:
+        """Short description for reports, e.g. ``"int4 g128"``."""
+        return f"int4 g{self.group_size}" if self.mode == "int4" else self.mode
+
+    def skip_pattern(self, name: str) -> Optional[str]:
+        """The first ``skip`` pattern that matches layer ``name``, or None."""
+        return next((p for p in self.skip if name_matches(name, p)), None)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    if pattern.startswith(REGEX_PREFIX):
+        return re.search(pattern[len(REGEX_PREFIX):], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def check_mode(mode: Any, allow_none: bool = False) -> None:
+    if mode is None and allow_none:
+        return
+    if mode not in MODES:
+        choices = (None, *MODES) if allow_none else MODES
+        raise LLMOptConfigError(
+            f"option 'quantize' got {mode!r}; valid choices are {', '.join(repr(m) for m in choices)}"
+        )
+
+
+def check_group_size(group_size: Any) -> None:
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise LLMOptConfigError(
+            f"option 'group_size' got {group_size!r}; valid choices are "
+            f"{', '.join(str(g) for g in GROUP_SIZES)}"
+        )
+
+
+def check_skip(patterns: Any) -> tuple[str, ...]:
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise LLMOptConfigError(
+            f"option 'quantize_skip' must be a list of layer-name patterns (globs, or 're:' + a "
+            f"regular expression), got {patterns!r}"
+        )
+    for pattern in patterns:
+        if pattern.startswith(REGEX_PREFIX):
+            try:
+                re.compile(pattern[len(REGEX_PREFIX):])
+            except re.error as error:
+                raise LLMOptConfigError(
+                    f"option 'quantize_skip': bad regular expression {pattern!r}: {error}"
+                ) from None
+    return tuple(patterns)
+
+
+def check_backend_options(config: Any) -> tuple[str, ...]:
+    """Check the quantization options of an LLMOptConfig; returns ``quantize_skip`` as a tuple."""
+    check_mode(config.quantize, allow_none=True)
+    check_group_size(config.group_size)
+    skip = check_skip(config.quantize_skip)
+    weights = config.quantized_weights
+    if weights is not None:
+        from llmopt.quantization.storage import QuantizedWeights
+
+        if not isinstance(weights, (str, os.PathLike, QuantizedWeights)):
+            raise LLMOptConfigError(
+                f"option 'quantized_weights' must be a file path or a QuantizedWeights, got {type(weights).__name__}"
+            )
+        if config.quantize is None:
+            raise LLMOptConfigError(
+                "option 'quantized_weights' needs option 'quantize' (the mode the weights were saved in)"
+            )
+    return skip

@@ -1,0 +1,86 @@
+"""Options of the serving engine, as one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmopt.runtime.kv_budget import as_dtype
+
+
+@dataclass
+class EngineConfig:
+    """Options of :class:`llmopt.LLM` / the engine.
+
+    Attributes:
+        dtype: weights and KV cache dtype (``"float32"``, ``"bfloat16"``, ...).
+        device: ``"cpu"``, ``"cuda"``; None picks CUDA when present.
+        lower: where llmopt lowers the compiled model (``"inductor"`` or ``"eager"``).
+        block_size: tokens per KV block (a power of two).
+        kv_cache_memory_gib: CPU KV cache budget.
+        gpu_memory_utilization: fraction of free GPU memory for the KV cache.
+        num_kv_blocks: the pool size in blocks, overriding both budgets.
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: token budget of one step.
+        max_model_len: most tokens per sequence; None: the model's context
+            length or what the pool holds, whichever is smaller.
+        enable_prefix_caching: reuse the KV of shared prompt prefixes.
+        enable_chunked_prefill: split long prompts across steps.
+        long_prefill_token_threshold: cap on one prompt's chunk per step.
+    """
+
+    dtype: Any = "float32"
+    device: str | None = None
+    lower: str = "inductor"
+    block_size: int = 16
+    kv_cache_memory_gib: float = 2.0
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        self.dtype = as_dtype(self.dtype)
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if self.lower not in ("inductor", "eager"):
+            raise ValueError(f"lower must be 'inductor' or 'eager', got {self.lower!r}")
+        if self.device is not None and torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two, got {bs!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_kv_blocks", "max_model_len", "long_prefill_token_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 or None, got {value}")
+        if not self.kv_cache_memory_gib > 0:
+            raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**kwargs)
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            device = torch.device(self.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("device='cuda' was asked for but no CUDA device is available")
+            return device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

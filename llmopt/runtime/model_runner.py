@@ -1,0 +1,159 @@
+"""Runs one scheduler step through the model compiled with the paging pass.
+
+The runner packs the step's new tokens into one row (``input_ids (1, T)``,
+``position_ids (1, T)``), publishes the step's paged-attention metadata
+(slot mapping, block tables, sequence lengths) and the KV cache, runs the
+model compiled by ``torch.compile(backend="llmopt", options={"paged_kv": True})``
+and returns the logits of the rows that sample.
+
+The protocol a model follows (see ``passes/page_kv_cache.py``): called with
+``input_ids`` and ``position_ids`` of shape ``(1, T)`` it returns logits
+``(1, T, V)`` (a tensor, or an object with ``.logits``), and its attention is
+causal self-attention that the fuse pass matches. Hugging Face causal LMs are
+called with ``use_cache=False``; for those with a plain ``lm_head`` the
+compiled part stops at the decoder's hidden states and only the sampled rows
+go through the head, so a prefill does not compute T x vocab logits.
+
+Shapes: T is marked dynamic, so one graph serves every step; Dynamo would
+still specialise T == 1 (a single decoding sequence), so such steps get one
+padding token (written nowhere, attending nowhere) instead of a recompile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmopt.kernels.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
+from llmopt.runtime.scheduler import ScheduledSequence
+
+_MIN_TOKENS = 2  # pad single-token steps: Dynamo specialises sizes 0 and 1
+
+
+@dataclass
+class RunnerOptions:
+    device: torch.device
+    block_size: int
+    lower: str = "inductor"
+
+
+class PagingNotApplied(RuntimeError):
+    """The compiled model has no attention the paging pass could rewrite."""
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, options: RunnerOptions):
+        self.model = model
+        self.options = options
+        self.device = options.device
+        self.decoder, self.head = _split_head(model)
+        self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False,
+                                       options={"paged_kv": True, "lower": options.lower})
+        self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
+
+    # ---- set-up ----------------------------------------------------------
+
+    def profile(self, num_tokens: int = 8) -> dict[str, LayerSpec]:
+        """Run (and compile) one prefill into a scratch cache; return what each layer stores.
+
+        Raises PagingNotApplied if no attention was paged: the model would
+        then attend with its own code, without the cache, and decode wrong.
+        """
+        bs = self.options.block_size
+        num_blocks = -(-num_tokens // bs)
+        self.kv_cache = PagedKVCache(num_blocks=num_blocks, block_size=bs, device=self.device)
+        input_ids = torch.zeros((num_tokens,), dtype=torch.long)
+        step = PagedStep(
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int32),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
+            max_query_len=num_tokens, max_seq_len=num_tokens)
+        self._run(input_ids, torch.arange(num_tokens), step, torch.tensor([num_tokens - 1]))
+        specs = dict(self.kv_cache.layer_specs)
+        if not specs:
+            raise PagingNotApplied(
+                "llmopt could not page this model's KV cache: no attention was rewritten "
+                "(see llmopt.last_report() / llmopt.explain for the reasons); the runtime "
+                "needs causal self-attention that llmopt's attention pass matches")
+        return specs
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = PagedKVCache(num_blocks=num_blocks, block_size=self.options.block_size,
+                                     device=self.device)
+
+    # ---- one step --------------------------------------------------------
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> Tensor:
+        """Logits ``(S, V)`` (fp32) of the scheduled sequences that sample, in their order."""
+        token_ids, positions, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
+        for item in scheduled:
+            token_ids += item.token_ids
+            positions += item.positions
+            slots += item.slot_mapping
+            starts.append(starts[-1] + item.num_scheduled_tokens)
+            seq_lens.append(item.end)
+            if item.samples:
+                logit_rows.append(starts[-1] - 1)
+        num_real = len(token_ids)
+        pad = max(0, _MIN_TOKENS - num_real)
+        token_ids += [0] * pad
+        positions += [0] * pad
+        slots += [-1] * pad
+        tables = [item.seq.block_table for item in scheduled]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        step = PagedStep(
+            slot_mapping=torch.tensor(slots, dtype=torch.int32),
+            block_tables=block_tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            max_query_len=max(s.num_scheduled_tokens for s in scheduled),
+            max_seq_len=max(seq_lens))
+        return self._run(torch.tensor(token_ids), torch.tensor(positions), step,
+                         torch.tensor(logit_rows, dtype=torch.long))
+
+    @torch.inference_mode()
+    def _run(self, token_ids: Tensor, positions: Tensor, step: PagedStep, logit_rows: Tensor) -> Tensor:
+        device = self.device
+        step = PagedStep(*(t.to(device, non_blocking=True) for t in (
+            step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc)),
+            step.max_query_len, step.max_seq_len)
+        input_ids = token_ids.to(device)[None]
+        position_ids = positions.to(device)[None]
+        torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+        torch._dynamo.maybe_mark_dynamic(position_ids, 1)
+        with paged_step(self.kv_cache, step):
+            hidden = self._compiled(input_ids, position_ids)
+        rows = hidden[0].index_select(0, logit_rows.to(device))
+        logits = self.head(rows) if self.head is not None else rows
+        return logits.float()
+
+    def _forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        if self.head is not None:  # Hugging Face: decoder hidden states only
+            return self.decoder(input_ids=input_ids, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+        out = self.model(input_ids, position_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _split_head(model: torch.nn.Module):
+    """(decoder, lm_head) for a Hugging Face causal LM whose logits are ``lm_head(hidden)``.
+
+    Models that post-process logits (soft-capping, scaling) or are not from
+    Hugging Face run whole: (None, None).
+    """
+    config = getattr(model, "config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    head = getattr(model, "lm_head", None)
+    if config is None or get_decoder is None or not isinstance(head, torch.nn.Linear):
+        return None, None
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return None, None
+    decoder = get_decoder()
+    if decoder is None or decoder is model:
+        return None, None
+    return decoder, head
