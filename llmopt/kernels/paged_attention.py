@@ -208,18 +208,28 @@ class _PrefillPlan:
 
 
 @dataclass
+class _DecodeGroup:
+    rows: Tensor  # (n,) query rows of these decode sequences
+    blocks: Tensor  # (n * width,) block ids, padded with block 0
+    mask: Tensor  # (n, 1, 1, width * block_size) additive: -inf past each sequence's end
+
+
+@dataclass
 class CpuStepPlan:
     """What every layer of one step shares on the CPU path: computed once, used L times.
 
-    Decode rows (one new token) of all sequences are attended in one batched
-    call: their blocks gathered into a padded ``(Nd, Lpad)`` layout with an
-    additive mask hiding the padding. Longer chunks run one call each.
+    Decode rows (one new token) are attended in a few batched calls: the
+    sequences sorted by length and cut into groups of similar length, each
+    group's blocks gathered into a padded layout with an additive mask hiding
+    the padding (sorting keeps the padding, and the copy, small). Longer
+    chunks run one call each.
     """
 
-    decode_rows: Optional[Tensor]  # (Nd,) query rows of the decode sequences
-    decode_blocks: Optional[Tensor]  # (Nd * max_blocks,) block ids, padded with block 0
-    decode_mask: Optional[Tensor]  # (Nd, 1, 1, max_blocks * block_size) additive
+    decode_groups: list[_DecodeGroup]
     prefills: list[_PrefillPlan]
+
+
+_DECODE_GROUP = 16  # sequences per batched decode call
 
 
 def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
@@ -251,16 +261,21 @@ def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_
         ids = torch.cat(used)
         if bool(((ids < 0) | (ids >= num_blocks)).any()):
             _fail(f"block_tables holds block ids outside [0, {num_blocks})")
-    if not decode:
-        return CpuStepPlan(None, None, None, prefills)
-    width = max(nb for _, _, nb, _ in decode)
-    blocks = torch.zeros((len(decode), width), dtype=torch.int64)
-    mask = torch.full((len(decode), width * block_size), float("-inf"), dtype=dtype)
-    for row, (_, seq_len, nb, i) in enumerate(decode):
+    decode.sort(key=lambda entry: entry[1])
+    groups = [_decode_group(decode[i:i + _DECODE_GROUP], table, block_size, dtype)
+              for i in range(0, len(decode), _DECODE_GROUP)]
+    return CpuStepPlan(groups, prefills)
+
+
+def _decode_group(entries, table, block_size: int, dtype) -> _DecodeGroup:
+    width = max(nb for _, _, nb, _ in entries)
+    blocks = torch.zeros((len(entries), width), dtype=torch.int64)
+    mask = torch.full((len(entries), width * block_size), float("-inf"), dtype=dtype)
+    for row, (_, seq_len, nb, i) in enumerate(entries):
         blocks[row, :nb] = table[i, :nb]
         mask[row, :seq_len] = 0.0
-    rows = torch.tensor([q0 for q0, _, _, _ in decode], dtype=torch.int64)
-    return CpuStepPlan(rows, blocks.flatten(), mask[:, None, None, :], prefills)
+    rows = torch.tensor([q0 for q0, _, _, _ in entries], dtype=torch.int64)
+    return _DecodeGroup(rows, blocks.flatten(), mask[:, None, None, :])
 
 
 def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: CpuStepPlan, scale):
@@ -272,16 +287,16 @@ def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: C
     _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the plan's checks: no half-done step
     out = q.new_zeros((num_tokens, q_heads, head_dim))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if plan.decode_rows is not None:
-        num_decode = plan.decode_rows.shape[0]
-        # (Nd, Hkv, Lpad, D) strided views of the gathered blocks; the group's query
+    for group_plan in plan.decode_groups:
+        n = group_plan.rows.shape[0]
+        # (n, Hkv, Lpad, D) strided views of the gathered blocks; the group's query
         # heads are the rows of one query tile (no causal mask: each row is last).
-        keys = k_cache.index_select(0, plan.decode_blocks).view(num_decode, -1, kv_heads, head_dim)
-        values = v_cache.index_select(0, plan.decode_blocks).view(num_decode, -1, kv_heads, head_dim)
-        qd = q.index_select(0, plan.decode_rows).view(num_decode, kv_heads, group, head_dim)
+        keys = k_cache.index_select(0, group_plan.blocks).view(n, -1, kv_heads, head_dim)
+        values = v_cache.index_select(0, group_plan.blocks).view(n, -1, kv_heads, head_dim)
+        qd = q.index_select(0, group_plan.rows).view(n, kv_heads, group, head_dim)
         o, _ = flash(qd, keys.transpose(1, 2), values.transpose(1, 2), 0.0, False,
-                     attn_mask=plan.decode_mask, scale=scale)
-        out.index_copy_(0, plan.decode_rows, o.reshape(num_decode, q_heads, head_dim))
+                     attn_mask=group_plan.mask, scale=scale)
+        out.index_copy_(0, group_plan.rows, o.reshape(n, q_heads, head_dim))
     for p in plan.prefills:
         q_len = p.q1 - p.q0
         kh = k_cache.index_select(0, p.blocks).view(-1, kv_heads, head_dim)[:p.seq_len]

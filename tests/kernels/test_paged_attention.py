@@ -219,6 +219,18 @@ def test_cpu_dtypes_decode_and_prefill(dtype, monkeypatch):
         check_step(batch, q_lens, seq_lens, dtype, run_op(batch, q_lens, seq_lens), ref)
 
 
+def test_cpu_many_decode_sequences_in_length_groups(monkeypatch):
+    """40 decode rows of scattered lengths: the CPU path sorts them into several padded
+    groups; each row must still see exactly its own keys (and a prefill rides along)."""
+    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+    g = torch.Generator().manual_seed(1)
+    seq_lens = torch.randint(1, 120, (40,), generator=g).tolist() + [30]
+    q_lens = [1] * 40 + [7]
+    batch = make_batch(q_lens, seq_lens, 6, 2, 32, 16, F32)
+    ref = reference(*batch)
+    check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens), ref)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
