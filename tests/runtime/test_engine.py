@@ -11,7 +11,7 @@ import torch
 
 import llmopt
 from llmopt.kernels.paged_context import PagedKVCache, PagedStep, paged_step
-from llmopt.models import random_handwritten_gpt, random_llama
+from llmopt.models import random_handwritten_gpt, random_hf_model, random_llama
 from llmopt.runtime.llm import LLM
 from llmopt.runtime.sampling_params import SamplingParams
 
@@ -54,6 +54,15 @@ def test_llama_greedy_matches_hf_generate(tokenizer, heads):
         assert out.token_ids == _hf_greedy(model, prompt, 12)
         assert out.finish_reason == "length"
     assert llm.engine.num_free_blocks == 64  # everything handed back
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_family_models_match_hf_generate(tokenizer, arch):
+    model = random_hf_model(arch, num_hidden_layers=2)
+    llm = LLM(model, tokenizer, lower="eager", block_size=16, num_kv_blocks=64)
+    prompts = _prompts(6, seed=2)
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert out.token_ids == _hf_greedy(model, prompt, 12)
 
 
 def test_handwritten_model_follows_the_protocol(tokenizer):
