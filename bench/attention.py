@@ -253,7 +253,7 @@ def main(argv=None) -> int:
                                   "ours_tflops": flops_fb / ms_ours_fb / 1e9,
                                   "sdpa_tflops": flops_fb / ms_sdpa_fb / 1e9}
                 del qg, kg, vg
-            del q, k, v, do
+            q = k = v = do = None  # free the inputs before the next case (the lambdas above close over them)
         except Exception as exc:  # keep going: one bad shape (e.g. OOM) should not kill the sweep
             rec["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
