@@ -6,6 +6,13 @@ Settings, all measured in one run on the same loaded model:
   inductor      the same loop on ``torch.compile(model, backend="inductor")``
   llmopt        the loop on ``torch.compile(model, backend="llmopt")`` (lower=inductor)
   llmopt-eager  the loop on llmopt with lower=eager
+  llmopt-bf16   llmopt (inductor) on a bfloat16 copy of the model
+  llmopt-int8   llmopt (inductor) with options={"quantize": "int8"} (weight-only, per channel)
+  llmopt-int4   llmopt (inductor) with options={"quantize": "int4", "group_size": 32}
+                (group 32, as llama.cpp's Q4_1 that SmolLM2 ships in)
+
+The bf16 and quantized settings are not expected to give HF's fp32 tokens;
+the table says whether they do.
 
 Every setting generates exactly --max-tokens tokens (end-of-sequence is
 ignored) and must produce the same greedy tokens as hf-generate. Compilation
@@ -33,7 +40,9 @@ from pathlib import Path
 
 import torch
 
-SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager")
+SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager",
+            "llmopt-bf16", "llmopt-int8", "llmopt-int4")
+_QUANTIZED = {"llmopt-int8": {"quantize": "int8"}, "llmopt-int4": {"quantize": "int4", "group_size": 32}}
 # Asks for a long answer, so the model has no reason to stop before the limit.
 PROMPT = "Write a short story about a robot who learns to paint."
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -113,6 +122,10 @@ def _run_setting(setting, model, prompt_ids, max_tokens, repeats) -> SettingResu
         runner = model
     elif setting == "inductor":
         runner = torch.compile(model, backend="inductor")
+    elif setting == "llmopt-bf16":
+        runner = torch.compile(copy.deepcopy(model).to(torch.bfloat16), backend="llmopt")
+    elif setting in _QUANTIZED:
+        runner = torch.compile(model, backend="llmopt", options=_QUANTIZED[setting])
     else:
         lower = "eager" if setting == "llmopt-eager" else "inductor"
         runner = torch.compile(model, backend="llmopt", options={"lower": lower})
