@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -40,12 +37,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, versions, write_record  # noqa: E402
+
 SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager",
             "llmopt-bf16", "llmopt-int8", "llmopt-int4")
 _QUANTIZED = {"llmopt-int8": {"quantize": "int8"}, "llmopt-int4": {"quantize": "int4", "group_size": 32}}
 # Asks for a long answer, so the model has no reason to stop before the limit.
 PROMPT = "Write a short story about a robot who learns to paint."
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -89,8 +88,8 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "decode",
         "time": datetime.now().isoformat(timespec="seconds"),
-        "machine": _machine(load_start),
-        "versions": _versions(),
+        "machine": machine(load_start),
+        "versions": versions(),
         "config": {
             "model": args.model,
             "dtype": "float32",
@@ -103,10 +102,7 @@ def main(argv=None) -> int:
         },
         "results": [asdict(r) for r in results],
     }
-    out = Path(args.out) if args.out else RESULTS_DIR / (
-        f"decode-{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record("decode", record, args.out)
 
     print(_table(results, record))
     print(f"wrote {out}")
@@ -239,42 +235,6 @@ def _table(results, record) -> str:
         lines.append(f"{r.setting:<14}{r.warmup_s:>11.1f}{r.prefill_s:>11.3f}"
                      f"{r.decode_tokens_per_s:>14.1f}{r.best_decode_tokens_per_s:>8.1f}{ratio:>8}  {same}")
     return "\n".join(lines)
-
-
-def _machine(load_start) -> dict:
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        # Other work on the machine skews CPU timings; this shows if there was any.
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-    }
-
-
-def _versions() -> dict:
-    import transformers
-
-    import llmopt
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "llmopt": llmopt.__version__,
-    }
-    with contextlib.suppress(ImportError):
-        import triton
-
-        versions["triton"] = triton.__version__
-    return versions
 
 
 def _parse_args(argv):
