@@ -11,7 +11,7 @@ every request that moved. The engine is not thread-safe: one thread owns it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ class _Request:
     generator: torch.Generator | None
     metrics: RequestMetrics
     stop_reason: str | int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -163,7 +162,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        items = [s for s in scheduled.scheduled]
+        items = scheduled.scheduled
         logits = self.runner.execute(items)
         sampling = [s for s in items if s.samples]
         requests = [self._requests[s.request_id] for s in sampling]
