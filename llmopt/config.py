@@ -11,10 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-# Lowering targets the rewritten graph can be handed to. "tensorrt" and "onnx"
-# are named so that the error for them is specific; they are not built yet.
+# Lowering targets the rewritten graph can be handed to. "onnx" is named so
+# that its error can point to the ONNX export, which is not a torch.compile
+# lowering (it writes a file rather than returning something to run).
 LOWERING_TARGETS = ("inductor", "eager", "tensorrt", "onnx")
-AVAILABLE_LOWERING_TARGETS = ("inductor", "eager")
+AVAILABLE_LOWERING_TARGETS = ("inductor", "eager", "tensorrt")
 
 
 class LLMOptConfigError(ValueError):
@@ -27,7 +28,12 @@ class LLMOptConfig:
 
     Attributes:
         lower: where the rewritten graph goes: ``"inductor"`` (default) hands
-            it to ``torch._inductor.compile_fx``; ``"eager"`` runs it as is.
+            it to ``torch._inductor.compile_fx``; ``"eager"`` runs it as is;
+            ``"tensorrt"`` hands it to Torch-TensorRT (``llmopt[tensorrt]``,
+            CUDA, inference only; see ``backends/tensorrt.py``).
+        tensorrt: settings for ``lower="tensorrt"``: None, or a dict /
+            ``TensorRTSettings`` with ``precision``, ``workspace_size``,
+            ``min_block_size``, ``optimization_level``, ``torch_executed_ops``.
         strict: if True, a pass or lowering that fails raises; by default it
             warns and the graph runs without that step.
         attention: rewrite attention regions to ``llmopt::attention``.
@@ -68,9 +74,15 @@ class LLMOptConfig:
     group_size: int = 128
     quantize_skip: tuple[str, ...] = field(default_factory=tuple)
     quantized_weights: Any = None
+    tensorrt: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("lower", self.lower, LOWERING_TARGETS)
+        if self.lower == "onnx":
+            raise LLMOptConfigError(
+                "option 'lower': 'onnx' is not a torch.compile lowering; export the model with "
+                "llmopt.export_onnx(model, ...) instead"
+            )
         if self.lower not in AVAILABLE_LOWERING_TARGETS:
             raise LLMOptConfigError(
                 f"option 'lower': target {self.lower!r} is not available in this "
@@ -87,6 +99,14 @@ class LLMOptConfig:
         from llmopt.quantization.config import check_backend_options  # late: it imports this module
 
         object.__setattr__(self, "quantize_skip", check_backend_options(self))
+        if self.tensorrt is not None:
+            if self.lower != "tensorrt":
+                raise LLMOptConfigError(
+                    f"option 'tensorrt' applies only with lower='tensorrt', not lower={self.lower!r}"
+                )
+            from llmopt.backends.tensorrt import TensorRTSettings  # late: it imports this module
+
+            object.__setattr__(self, "tensorrt", TensorRTSettings.from_options(self.tensorrt))
         disabled = self.disable_passes
         if isinstance(disabled, str) or not all(isinstance(p, str) for p in disabled):
             raise LLMOptConfigError(

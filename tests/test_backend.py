@@ -58,7 +58,7 @@ def test_entry_point_registers_backend_in_fresh_interpreter():
     [
         ({"lowr": "eager"}, "unknown llmopt option 'lowr'; valid options are 'lower'"),
         ({"lower": "tvm"}, "option 'lower' got 'tvm'; valid choices are 'inductor', 'eager'"),
-        ({"lower": "tensorrt"}, "target 'tensorrt' is not available"),
+        ({"lower": "onnx"}, "'onnx' is not a torch.compile lowering"),
         ({"strict": "yes"}, "option 'strict' must be True or False"),
         ({"disable_passes": ["fuse_attn"]}, "option 'disable_passes' got 'fuse_attn'; valid choices are 'fuse_attention'"),
         ({"disable_passes": "fuse_attention"}, "must be a list of pass names"),

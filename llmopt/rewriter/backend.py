@@ -64,7 +64,7 @@ def llmopt_backend(
 
     graph_report.lowering = config.lower
     try:
-        compiled = lower(config.lower, gm, example_inputs)
+        compiled = lower(config.lower, gm, example_inputs, config)
     except Exception as error:  # noqa: BLE001
         message = f"llmopt lowering to {config.lower!r} failed: {type(error).__name__}: {error}"
         if config.strict:
