@@ -13,7 +13,11 @@ import torch
 
 import llmopt
 from llmopt.backends import tensorrt as trt
-from llmopt.backends.tensorrt import TensorRTNotInstalled, TensorRTSettings, plan_partition
+from llmopt.backends.tensorrt import (
+    TensorRTNotInstalled,
+    TensorRTSettings,
+    plan_partition,
+)
 from llmopt.models import random_llama
 from llmopt.rewriter.backend import LLMOptLoweringError, llmopt_backend
 
@@ -227,7 +231,6 @@ class _BrokenTorchTensorRT:
     def find_spec(self, name, path=None, target=None):
         if name == "torch_tensorrt":
             raise ImportError("libnvinfer.so.10: cannot open shared object file")
-        return None
 
 
 def test_broken_install_is_told_apart(monkeypatch):
