@@ -43,6 +43,7 @@ Implementations
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass
@@ -215,21 +216,52 @@ class _DecodeGroup:
 
 
 @dataclass
+class _NativeDecode:
+    rows: Tensor  # (n,) int64 query rows of the decode sequences
+    seq_lens: Tensor  # (n,) int64
+    block_tables: Tensor  # (n, max_blocks) int64, contiguous
+
+
 class CpuStepPlan:
     """What every layer of one step shares on the CPU path: computed once, used L times.
 
-    Decode rows (one new token) are attended in a few batched calls: the
-    sequences sorted by length and cut into groups of similar length, each
-    group's blocks gathered into a padded layout with an additive mask hiding
-    the padding (sorting keeps the padding, and the copy, small). Longer
-    chunks run one call each.
+    Decode rows (one new token) run in the native kernel
+    (``kernels/native/paged_decode.c``), which reads each sequence's blocks in
+    place. Without it they are attended in a few batched calls: the sequences
+    sorted by length and cut into groups of similar length, each group's
+    blocks gathered into a padded layout with an additive mask hiding the
+    padding (sorting keeps the padding, and the copy, small). Longer chunks
+    run one call each.
     """
 
-    decode_groups: list[_DecodeGroup]
-    prefills: list[_PrefillPlan]
+    def __init__(self, decode: list, table: Tensor, block_size: int, dtype, prefills: list[_PrefillPlan]):
+        self.prefills = prefills
+        self._decode = sorted(decode, key=lambda entry: entry[1])
+        self._table = table
+        self._block_size = block_size
+        self._dtype = dtype
+        self._groups: Optional[list[_DecodeGroup]] = None
+        self._native: Optional[_NativeDecode] = None
+
+    @property
+    def decode_groups(self) -> list[_DecodeGroup]:
+        if self._groups is None:
+            entries = self._decode
+            self._groups = [_decode_group(entries[i:i + _DECODE_GROUP], self._table, self._block_size,
+                                          self._dtype) for i in range(0, len(entries), _DECODE_GROUP)]
+        return self._groups
+
+    @property
+    def native_decode(self) -> Optional[_NativeDecode]:
+        if self._native is None and self._decode:
+            rows = torch.tensor([e[0] for e in self._decode], dtype=torch.int64)
+            lens = torch.tensor([e[1] for e in self._decode], dtype=torch.int64)
+            index = torch.tensor([e[3] for e in self._decode], dtype=torch.int64)
+            self._native = _NativeDecode(rows, lens, self._table.index_select(0, index).contiguous())
+        return self._native
 
 
-_DECODE_GROUP = 16  # sequences per batched decode call
+_DECODE_GROUP = 16  # sequences per batched decode call (PyTorch path)
 
 
 def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
@@ -261,10 +293,7 @@ def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_
         ids = torch.cat(used)
         if bool(((ids < 0) | (ids >= num_blocks)).any()):
             _fail(f"block_tables holds block ids outside [0, {num_blocks})")
-    decode.sort(key=lambda entry: entry[1])
-    groups = [_decode_group(decode[i:i + _DECODE_GROUP], table, block_size, dtype)
-              for i in range(0, len(decode), _DECODE_GROUP)]
-    return CpuStepPlan(groups, prefills)
+    return CpuStepPlan(decode, table, block_size, dtype, prefills)
 
 
 def _decode_group(entries, table, block_size: int, dtype) -> _DecodeGroup:
@@ -278,6 +307,33 @@ def _decode_group(entries, table, block_size: int, dtype) -> _DecodeGroup:
     return _DecodeGroup(rows, blocks.flatten(), mask[:, None, None, :])
 
 
+_NATIVE_DTYPES = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+
+
+def _native_decode_fn(q: Tensor, k_cache: Tensor):
+    """The native decode kernel for these tensors, or None (then the PyTorch path runs)."""
+    if os.environ.get("LLMOPT_ATTENTION_IMPL") == "torch" or q.dtype not in _NATIVE_DTYPES:
+        return None
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if q.shape[1] // kv_heads > 32 or head_dim > 256 or block_size > 128 or not k_cache.is_contiguous():
+        return None  # the kernel's fixed per-thread buffers
+    from llmopt.kernels import native
+    lib = native.load("paged_decode")
+    return None if lib is None else getattr(lib, _NATIVE_DTYPES[q.dtype])
+
+
+def _run_native_decode(fn, q, k_cache, v_cache, out, plan: _NativeDecode, scale: float) -> None:
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    ptr = ctypes.c_void_p
+    status = fn(ptr(q.data_ptr()), ptr(k_cache.data_ptr()), ptr(v_cache.data_ptr()), ptr(out.data_ptr()),
+                ptr(plan.rows.data_ptr()), ptr(plan.seq_lens.data_ptr()), ptr(plan.block_tables.data_ptr()),
+                ctypes.c_int64(plan.block_tables.shape[1]), ctypes.c_int64(plan.rows.shape[0]),
+                ctypes.c_int64(q.shape[1]), ctypes.c_int64(kv_heads), ctypes.c_int64(head_dim),
+                ctypes.c_int64(block_size), ctypes.c_float(scale))
+    if status != 0:
+        _fail("the native paged decode kernel rejected its shapes")
+
+
 def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: CpuStepPlan, scale):
     """The CPU implementation, given the step's plan (see :func:`plan_cpu_step`)."""
     num_tokens, q_heads, head_dim = q.shape
@@ -287,7 +343,10 @@ def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: C
     _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the plan's checks: no half-done step
     out = q.new_zeros((num_tokens, q_heads, head_dim))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for group_plan in plan.decode_groups:
+    native = _native_decode_fn(q, k_cache) if plan.native_decode is not None else None
+    if native is not None:
+        _run_native_decode(native, q.contiguous(), k_cache, v_cache, out, plan.native_decode, scale)
+    for group_plan in ([] if native is not None else plan.decode_groups):
         n = group_plan.rows.shape[0]
         # (n, Hkv, Lpad, D) strided views of the gathered blocks; the group's query
         # heads are the rows of one query tile (no causal mask: each row is last).

@@ -57,6 +57,18 @@ TOL = {
 # (Hq, Hkv, D, block_size): GQA, MQA, MHA; D = 16, 64, 80 (not a power of two).
 HEADS = [(6, 2, 64, 16), (4, 1, 80, 32), (3, 3, 16, 16)]
 
+# CPU implementations: "cpu" is the default (decode rows in the native C kernel where it
+# builds, chunks through PyTorch's flash kernel); "cpu-torch" forces the PyTorch-only path.
+CPU_IMPLS = ["cpu", "cpu-torch"]
+
+
+def use_cpu_impl(monkeypatch, impl):
+    if impl == "cpu-torch":
+        monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "torch")
+    else:
+        monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+
+
 # (q_lens, seq_lens) of each batch.
 DECODE = ([1, 1, 1, 1], [1, 17, 40, 71])
 # decode (prefix 36), chunked prefill with a 35-token prefix, fresh prefill (q_len == seq_len),
@@ -169,8 +181,8 @@ def check_step(batch, q_lens, seq_lens, dtype, out, ref):
 # ----------------------------------------------------------------------------- through the op
 
 
-@pytest.mark.parametrize("impl", ["cpu", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "hq{}-hkv{}-d{}-bs{}".format(*h))
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_op(impl, dtype, heads, kind, monkeypatch):
@@ -178,12 +190,14 @@ def test_op(impl, dtype, heads, kind, monkeypatch):
     hq, hkv, d, bs = heads
     device = "cpu"
     if impl == "triton":
+        if dtype not in TRITON_DTYPES:
+            pytest.skip("the Triton interpreter has no bf16 tl.dot")
         device = TRITON_DEVICE
         monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "triton")
         # Several splits in the decode batch (max_seq_len 71 -> 3 splits of 32 keys).
         monkeypatch.setattr(tp, "INTERPRET_SPLIT_TOKENS", 32)
     else:
-        monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+        use_cpu_impl(monkeypatch, impl)
     skip = (2,) if kind == "decode" else (3, 20)  # a decode token; an append and a prefill token
     batch = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype, device=device, skip_slots=skip)
     ref = reference(*batch)
@@ -191,7 +205,7 @@ def test_op(impl, dtype, heads, kind, monkeypatch):
     check_step(batch, q_lens, seq_lens, dtype, out, ref)
 
 
-@pytest.mark.parametrize("impl", ["cpu", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, pytest.param("triton", marks=needs_triton)])
 def test_op_scale_and_cache_views(impl, monkeypatch):
     """Explicit scale, non-contiguous cache views (k/v interleaved), a sequence without new
     tokens in the batch (its output rows don't exist, its cache is only read by nobody)."""
@@ -201,7 +215,7 @@ def test_op_scale_and_cache_views(impl, monkeypatch):
         device = TRITON_DEVICE
         monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "triton")
     else:
-        monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+        use_cpu_impl(monkeypatch, impl)
     for q_lens in ([3, 0, 1], [1, 0, 1]):  # prefill kernel, decode kernel
         batch = make_batch(q_lens, seq_lens, 6, 2, 64, 16, F32, device=device, cache_view=True)
         assert not batch[3].is_contiguous()
@@ -210,23 +224,60 @@ def test_op_scale_and_cache_views(impl, monkeypatch):
         check_step(batch, q_lens, seq_lens, F32, out, ref)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-def test_cpu_dtypes_decode_and_prefill(dtype, monkeypatch):
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+def test_cpu_dtypes_decode_and_prefill(dtype, impl, monkeypatch):
+    use_cpu_impl(monkeypatch, impl)
     for q_lens, seq_lens in (DECODE, MIXED, ([24], [24]), ([9], [10])):
         batch = make_batch(q_lens, seq_lens, 4, 2, 32, 16, dtype)
         ref = reference(*batch)
         check_step(batch, q_lens, seq_lens, dtype, run_op(batch, q_lens, seq_lens), ref)
 
 
-def test_cpu_many_decode_sequences_in_length_groups(monkeypatch):
-    """40 decode rows of scattered lengths: the CPU path sorts them into several padded
-    groups; each row must still see exactly its own keys (and a prefill rides along)."""
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_many_decode_sequences(impl, monkeypatch):
+    """40 decode rows of scattered lengths (the PyTorch path sorts them into several padded
+    groups; the native kernel reads each in place): each row must still see exactly its own
+    keys, and a prefill rides along."""
+    use_cpu_impl(monkeypatch, impl)
     g = torch.Generator().manual_seed(1)
     seq_lens = torch.randint(1, 120, (40,), generator=g).tolist() + [30]
     q_lens = [1] * 40 + [7]
     batch = make_batch(q_lens, seq_lens, 6, 2, 32, 16, F32)
+    ref = reference(*batch)
+    check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens), ref)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("heads", [(8, 1, 72, 32), (32, 1, 64, 16), (5, 5, 24, 64), (12, 4, 128, 128)],
+                         ids=lambda h: "hq{}-hkv{}-d{}-bs{}".format(*h))
+def test_native_decode_kernel(dtype, heads, monkeypatch):
+    """The native C decode kernel itself: built here, used by the op, and right for MQA with
+    a 32-query group (its largest), MHA, head dims that are not powers of two or vector
+    widths, block sizes up to its 128 limit and sequences of one to several hundred keys."""
+    from llmopt.kernels import native
+
+    if native.load("paged_decode") is None:
+        pytest.skip("no C compiler here: the native kernel is not built (the PyTorch path is tested)")
+    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+    hq, hkv, d, bs = heads
+    q = torch.empty(1, hq, d, dtype=dtype)
+    assert pa._native_decode_fn(q, torch.empty(2, bs, hkv, d, dtype=dtype)) is not None
+    g = torch.Generator().manual_seed(2)
+    seq_lens = [1, bs, bs + 1, 3 * bs - 1] + torch.randint(1, 400, (5,), generator=g).tolist()
+    q_lens = [1] * len(seq_lens)
+    batch = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype, skip_slots=(1,))
+    ref = reference(*batch)
+    check_step(batch, q_lens, seq_lens, dtype, run_op(batch, q_lens, seq_lens), ref)
+
+
+def test_native_decode_kernel_limits_fall_back(monkeypatch):
+    """Shapes past the kernel's fixed buffers (a 64-query group) take the PyTorch path."""
+    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+    assert pa._native_decode_fn(torch.empty(1, 64, 16), torch.empty(2, 16, 1, 16)) is None
+    assert pa._native_decode_fn(torch.empty(1, 4, 16, dtype=F16), torch.empty(2, 16, 1, 16, dtype=F16)) is None
+    seq_lens, q_lens = [20, 33], [1, 1]
+    batch = make_batch(q_lens, seq_lens, 64, 1, 16, 16, F32)
     ref = reference(*batch)
     check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens), ref)
 
