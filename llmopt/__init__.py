@@ -38,7 +38,11 @@ def __getattr__(name):
         return getattr(importlib.import_module(_RUNTIME_NAMES[name]), name)
     # Submodules that pull in transformers load on first use, so that
     # torch.compile(backend="llmopt") stays quick to import.
-    if name in ("models", "runtime", "quality", "pruning"):
+    if name in ("export_onnx", "OnnxExportError"):  # needs the onnx extra; loads onnx on first use
+        import importlib
+
+        return getattr(importlib.import_module("llmopt.onnx"), name)
+    if name in ("models", "runtime", "quality", "pruning", "onnx"):
         import importlib
 
         return importlib.import_module(f"llmopt.{name}")
@@ -51,6 +55,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "LLMOptConfig",
+    "OnnxExportError",
     "QuantConfig",
     "QuantizedWeights",
     "load_quantized",
@@ -63,6 +68,7 @@ __all__ = [
     "LLMOptWarning",
     "Report",
     "explain",
+    "export_onnx",
     "last_report",
     "llmopt_backend",
     "__version__",
