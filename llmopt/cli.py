@@ -1,6 +1,6 @@
 """The ``llmopt`` command line: ``generate`` (one prompt on the serving engine),
-``serve`` (the OpenAI-compatible server), ``explain`` (what the backend rewrites)
-and ``eval`` (perplexity).
+``serve`` (the OpenAI-compatible server), ``explain`` (what the backend rewrites),
+``eval`` (perplexity) and ``export-onnx`` (an ONNX model for ONNX Runtime).
 
 Heavy imports (torch, transformers) happen inside the commands so that
 ``--help`` and argument errors answer at once.
@@ -88,6 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the model name clients use (default: --model)")
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
+    _add_export_onnx_parser(commands)
     return parser
 
 
@@ -198,6 +199,50 @@ def _add_eval_parser(commands) -> None:
                     help="compile with llmopt even when no option needs it (quantize/prune always compile)")
     ev.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     ev.set_defaults(run=_eval)
+
+
+def _add_export_onnx_parser(commands) -> None:
+    exp = commands.add_parser("export-onnx", help="export the llmopt-rewritten model to ONNX", description=(
+        "Write the model as llmopt rewrites it to an ONNX file for ONNX Runtime: attention as "
+        "com.microsoft GroupQueryAttention, int4/int8 weight-only linears as MatMulNBits, and (by default) "
+        "past_key_values.N.key/value inputs with present.N.key/value outputs for token-by-token decoding. "
+        "Inputs: input_ids and position_ids (batch, tokens), int64."))
+    exp.add_argument("output", help="the .onnx file to write")
+    _add_model_argument(exp)
+    exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="weights and activations dtype (default float32)")
+    exp.add_argument("--quantize", choices=("int4", "int8"), help="weight-only quantization of linear layers")
+    exp.add_argument("--group-size", type=_positive_int, help="int4 group length (32, 64, 128 or 256; default 128)")
+    exp.add_argument("--quantize-skip", nargs="+", metavar="PATTERN", help="layers kept in float, e.g. lm_head")
+    exp.add_argument("--no-kv-cache", action="store_true",
+                     help="no past/present inputs and outputs: every call attends over its own tokens only")
+    exp.add_argument("--accuracy-level", type=int, choices=range(5), default=0, metavar="{0..4}",
+                     help="MatMulNBits accuracy_level: 0 (default) computes in the activations' dtype, "
+                          "4 lets ONNX Runtime quantize them to int8 (faster, less exact)")
+    exp.set_defaults(run=_export_onnx)
+
+
+def _export_onnx(args) -> int:
+    import torch
+
+    from llmopt.config import LLMOptConfigError
+    from llmopt.models import ModelNotInstalledError, load
+    from llmopt.onnx import OnnxExportError, export_onnx
+
+    options = {key: value for key, value in (("quantize", args.quantize), ("group_size", args.group_size),
+                                             ("quantize_skip", args.quantize_skip)) if value is not None}
+    try:
+        _progress(f"loading {args.model} ({args.dtype}) ...")
+        model, _ = load(args.model, dtype=getattr(torch, args.dtype))
+        _progress(f"exporting to {args.output} (tracing with llmopt, then torch.onnx; takes a minute on CPU) ...")
+        start = time.perf_counter()
+        exported = export_onnx(model, args.output, options=options, kv_cache=not args.no_kv_cache,
+                               accuracy_level=args.accuracy_level)
+    except (OSError, ValueError, LLMOptConfigError, ModelNotInstalledError, OnnxExportError) as error:
+        raise UsageError(str(error)) from None
+    print(exported)
+    print(f"(exported in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
 
 
 def _eval(args) -> int:

@@ -36,6 +36,7 @@ takes several new tokens on top of a non-empty past only with ``batch = 1``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import warnings
@@ -108,6 +109,7 @@ def export_onnx(
     inputs and outputs). Raises :class:`OnnxExportError`, naming the operator or
     layer, for what cannot be exported.
     """
+    _require_exporter()
     config = _export_config(options)
     if accuracy_level not in _ACCURACY_LEVELS:
         raise OnnxExportError(f"accuracy_level must be one of {_ACCURACY_LEVELS}, got {accuracy_level!r}")
@@ -128,6 +130,12 @@ def export_onnx(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path, external_data=False)
     return OnnxExport(path, input_names, output_names, layers, kv_cache, quantized, captured.report)
+
+
+def _require_exporter() -> None:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OnnxExportError(f"the ONNX export needs {' and '.join(missing)}: pip install 'llmopt[onnx]'")
 
 
 def _export_config(options) -> LLMOptConfig:
