@@ -29,6 +29,15 @@ EAGER_TOL = dict(atol=1e-4, rtol=1e-4)
 INDUCTOR_TOL = dict(atol=2e-4, rtol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def _fp32_cpu_kernels(monkeypatch):
+    """These tests check the pass against a dequantized model, so PyTorch's packed CPU
+    kernels keep fp32 activations here (by default they run fp32 inputs in bf16; that
+    path is checked by test_default_cpu_kernels_run_fp32_models_in_bf16 and in
+    tests/kernels/test_quantized_linear.py)."""
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+
+
 def _ids(batch=2, length=9, vocab=256, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -102,6 +111,22 @@ def test_weight_only_modes_match_dequantized_model(mode, group_size):
         want = _dequantized_copy(model, weights)(ids).logits
     torch.testing.assert_close(got, want, **EAGER_TOL)
     assert len(_rewrites(llmopt.last_report())) == 15  # 7 per layer + lm_head
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_default_cpu_kernels_run_fp32_models_in_bf16(mode, monkeypatch):
+    monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE")
+    model = random_llama(heads="gqa", num_layers=2)
+    ids = _ids()
+    got = _run(model, ids, quantize=mode, group_size=32)
+    assert got.dtype == torch.float32
+    weights = quantize_weights(model, QuantConfig(mode, group_size=32))
+    with torch.no_grad():
+        want = _dequantized_copy(model, weights)(ids).logits
+    # Activations rounded to bf16 before each of 15 linears (2^-9 relative each) and
+    # bf16 kernel outputs: a few 1e-3 on O(3) logits; an indexing or scale bug is O(1).
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    assert (got - want).abs().max() > 1e-6  # it did take the bf16 path
 
 
 def test_bias_is_kept():

@@ -37,6 +37,9 @@ What PyTorch 2.13's CPU build offers (checked against fp64 references):
   ``aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros (K/g, N, 2))``:
   ``x`` fp32, bf16 or fp16 with ``scales_zeros`` in the same dtype, ``g`` in
   {32, 64, 128, 256}, ``K % g == 0``; computes the formula above.
+* Both packed kernels are far slower with fp32 activations than with bf16, so
+  fp32 inputs run in bf16 (:func:`cpu_compute_dtype`; int8 keeps its fp32
+  scales, applied after the kernel; int4 scales are installed in bf16).
 * ``torch._int_mm(a int8 (M, K), b int8 (K, N)) -> int32``: any M, N, K on
   CPU (CUDA wants M > 16 and multiples of 8); exact.
 * fp8: no CPU fp8 matmul. The CPU path is emulated: the e4m3 weight is
@@ -61,6 +64,7 @@ from torch import Tensor
 
 __all__ = [
     "INT4_LAYOUTS",
+    "cpu_compute_dtype",
     "dequantize_fp8",
     "dequantize_int4",
     "dequantize_int8",
@@ -143,7 +147,12 @@ def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tenso
         out = triton_quant.int8_matmul(x2, qweight, scales)
     elif _cpu_int8_kernel_ok(x, qweight):
         x2 = _pad_columns(x2, qweight.shape[1])
-        out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
+        if x.dtype == torch.float32 and cpu_compute_dtype(x.dtype) == torch.bfloat16 and qweight.shape[1] % 16 == 0:
+            # Unit scales in the kernel, the fp32 scales after: no per-channel bf16 scale error.
+            ones = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
+            out = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), qweight, ones).float() * scales
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
     else:
         out = x2 @ dequantize_int8(qweight, scales, x.dtype)[:, : x2.shape[1]].t()
     return _finish(out, x, bias)
@@ -171,7 +180,8 @@ def linear_int4(
                 f"got {x.dtype} on {x.device}"
             )
         x2 = _pad_columns(x2, qweight.shape[1] * 2)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, group_size, scales_zeros.to(x.dtype))
+        dtype = cpu_compute_dtype(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dtype), qweight, group_size, scales_zeros.to(dtype))
     elif layout != "nibble":
         raise ValueError(f"llmopt::linear_int4: layout {layout!r}; valid choices are {INT4_LAYOUTS}")
     elif use_triton(x.device):
@@ -245,6 +255,20 @@ def _int8_matmul(xq: Tensor, qweight: Tensor) -> Tensor:
         return torch._int_mm(rows, qweight.t())[:m]
     # Other shapes: fp64 holds every partial sum (|sum| <= 127^2 * K) exactly.
     return (xq.double() @ qweight.double().t()).to(torch.int32)
+
+
+def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype PyTorch's packed CPU int8/int4 kernels run in for ``dtype`` inputs.
+
+    fp32 activations go in as bf16: those kernels' fp32 paths are 4x (int8) to 40x
+    (int4) slower than their bf16 paths at decode shapes on an AVX-512 CPU (576 x 1536,
+    one row: int4 2.0 ms fp32 vs 0.05 ms bf16), and a weight-only quantized layer has
+    already traded more precision than bf16 rounding of its input costs.
+    ``LLMOPT_QUANT_CPU_DTYPE=float32`` keeps fp32 (for exactness checks).
+    """
+    if dtype == torch.float32 and os.environ.get("LLMOPT_QUANT_CPU_DTYPE", "bfloat16") != "float32":
+        return torch.bfloat16
+    return dtype
 
 
 def _cpu_int8_kernel_ok(x: Tensor, qweight: Tensor) -> bool:

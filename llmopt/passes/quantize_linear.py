@@ -156,7 +156,8 @@ _PREPARED = WeakIdKeyDictionary()
 
 
 def _prepare(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
-    key = (layer, qconfig.mode, qconfig.group_size, weight.dtype, str(weight.device),
+    key = (layer, qconfig.mode, qconfig.group_size, weight.dtype, qlinear.cpu_compute_dtype(weight.dtype),
+           str(weight.device),
            qlinear.use_triton(weight.device), _saved_key(saved))
     entries = _PREPARED.setdefault(weight, {})
     hit = entries.get(key)
@@ -231,11 +232,11 @@ def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
     device, in the layout its kernel reads."""
     t = {k: v.to(weight.device) for k, v in quantized.tensors.items()}
     cpu = weight.device.type == "cpu" and not qlinear.use_triton(weight.device)
-    if cpu and quantized.mode in ("int8", "int4"):
-        # PyTorch's CPU kernels take their scales in the activations' dtype.
-        for key in ("scales", "scales_zeros"):
-            if key in t:
-                t[key] = t[key].to(weight.dtype)
+    if cpu and quantized.mode == "int8":
+        t["scales"] = t["scales"].to(weight.dtype)
+    if cpu and quantized.mode == "int4":
+        # PyTorch's CPU kernel takes its scales in the dtype it computes in (bf16 for fp32 models).
+        t["scales_zeros"] = t["scales_zeros"].to(qlinear.cpu_compute_dtype(weight.dtype))
     if quantized.mode == "int4":
         # The CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
         tiled = cpu and quantized.out_features % 16 == 0 and weight.dtype in qlinear.CPU_KERNEL_DTYPES

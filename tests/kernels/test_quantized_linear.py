@@ -64,9 +64,10 @@ def _op_call(q, x, bias=None, layout="nibble"):
 def _as_installed(q, dtype):
     t = dict(q.tensors)
     if q.mode in ("int8", "int4") and not ql.use_triton(t["qweight"].device):
-        for key in ("scales", "scales_zeros"):
-            if key in t:
-                t[key] = t[key].to(dtype)
+        if "scales" in t:
+            t["scales"] = t["scales"].to(dtype)
+        if "scales_zeros" in t:
+            t["scales_zeros"] = t["scales_zeros"].to(ql.cpu_compute_dtype(dtype))
     return type(q)(q.mode, q.in_features, q.out_features, t, q.group_size)
 
 
@@ -142,8 +143,22 @@ def test_cpu_op_matches_dequantized_reference(mode, n, k, group_size, layout, dt
     assert got.shape == (m, n) and got.dtype == dtype
     if mode == "w8a8":
         _assert_close(got, _w8a8_reference(q, x), dtype)
+    elif dtype == F32 and layout == "cpu_tiled":  # (int8 without padding: K % 16 != 0 stays fp32)
+        # PyTorch's packed kernels run fp32 inputs in bf16 (ql.cpu_compute_dtype): the
+        # reference rounds x (and int4's scales) as they do; the output is bf16-rounded.
+        _assert_close(got, _reference(q, x.to(BF16)), BF16)
     else:
         _assert_close(got, _reference(q, x), dtype)
+
+
+@pytest.mark.parametrize("mode, n, k, group_size, layout", [c for c in CPU_CASES if c[4] == "cpu_tiled"])
+def test_cpu_packed_kernels_in_fp32_on_request(mode, n, k, group_size, layout, monkeypatch):
+    """LLMOPT_QUANT_CPU_DTYPE=float32 keeps fp32 activations: fp32 accuracy again."""
+    monkeypatch.delenv("LLMOPT_QUANT_IMPL", raising=False)
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+    q = quantize_weight(_weight(n, k).float(), mode, group_size or 128)
+    x = _x(5, k, F32)
+    _assert_close(_op_call(q, x, layout=layout), _reference(q, x), F32)
 
 
 def _w8a8_reference(q, x):
@@ -169,8 +184,9 @@ def test_bias_and_leading_dims():
     x = _x(6, 64, F32).reshape(2, 3, 64)
     bias = torch.randn(48)
     got = _op_call(q, x, bias, layout="cpu_tiled")
-    assert got.shape == (2, 3, 48)
-    _assert_close(got.reshape(6, 48), _reference(q, x.reshape(6, 64), bias), F32)
+    assert got.shape == (2, 3, 48) and got.dtype == F32
+    # The packed kernel runs fp32 inputs in bf16 (see test_cpu_op_matches_dequantized_reference).
+    _assert_close(got.reshape(6, 48), _reference(q, x.reshape(6, 64).to(BF16), bias), BF16)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp8", "w8a8"])
