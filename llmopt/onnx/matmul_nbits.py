@@ -117,16 +117,18 @@ def _nibbles_from_cpu_tiled(packed: Tensor, groups: int, group_size: int) -> Ten
     """The nibble layout of a weight that ``aten._convert_weight_to_int4pack_for_cpu`` repacked.
 
     The tiled order is the kernel's own business, so ask the kernel: with every
-    scale 1 and every zero 8 it computes ``W = (q - 8) * 1 + 8 = q`` exactly, and
-    multiplying the identity by ``W.T`` reads ``q`` back (in row chunks, to
-    bound the identity's size).
+    scale 1 and every zero 8 it computes ``W = (q - 8) * 1 + 8 = q``, and
+    multiplying the identity by ``W.T`` reads ``q`` back. In bf16, which holds
+    0..15 and the one-term sums exactly and runs the kernel's fast path (its
+    fp32 path takes ~25 s for a 49152 x 576 vocabulary projection); in row
+    chunks, to bound the identity's size.
     """
     n = packed.shape[0]
     padded_k = groups * group_size
-    unit = torch.stack((torch.ones(groups, n), torch.full((groups, n), 8.0)), dim=-1)
+    unit = torch.stack((torch.ones(groups, n), torch.full((groups, n), 8.0)), dim=-1).to(torch.bfloat16)
     rows = []
     for start in range(0, padded_k, 1024):
-        eye = torch.eye(padded_k, dtype=torch.float32)[start:start + 1024]
+        eye = torch.eye(padded_k, dtype=torch.bfloat16)[start:start + 1024]
         rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, unit))
-    q = torch.cat(rows).t().round().to(torch.uint8)  # (N, Kp)
+    q = torch.cat(rows).t().to(torch.uint8)  # (N, Kp), exact integers
     return pack_int4(q)
