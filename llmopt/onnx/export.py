@@ -97,6 +97,7 @@ def export_onnx(
     *,
     accuracy_level: int = 0,
     opset_version: Optional[int] = None,
+    optimize: bool = True,
 ) -> OnnxExport:
     """Export ``model`` (a causal LM in eval mode) as rewritten by llmopt to ONNX at ``path``.
 
@@ -106,7 +107,9 @@ def export_onnx(
     (``accuracy_level`` is its attribute: 0 computes in the activations' dtype,
     4 lets ONNX Runtime quantize them to int8). With ``kv_cache`` the model
     takes and returns its key/value cache (see this module's docstring for the
-    inputs and outputs). Raises :class:`OnnxExportError`, naming the operator or
+    inputs and outputs). ``optimize`` runs onnxscript's graph optimizer on the
+    result (torch.onnx's default; ONNX Runtime optimizes again when it loads
+    the model). Raises :class:`OnnxExportError`, naming the operator or
     layer, for what cannot be exported.
     """
     _require_exporter()
@@ -125,7 +128,8 @@ def export_onnx(
 
     args, dynamic_shapes, input_names = _example_inputs(gm, layers, kv_cache)
     output_names = ["logits"] + ([n for i in range(len(layers)) for n in present_names(i)] if kv_cache else [])
-    program = _torch_onnx_export(gm, args, dynamic_shapes, input_names, output_names, accuracy_level, opset_version)
+    program = _torch_onnx_export(gm, args, dynamic_shapes, input_names, output_names, accuracy_level,
+                                 opset_version, optimize)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path, external_data=False)
@@ -198,7 +202,8 @@ def _example_inputs(gm: GraphModule, layers: list[CacheLayer], kv_cache: bool):
     return tuple(args), tuple(shapes), names
 
 
-def _torch_onnx_export(gm, args, dynamic_shapes, input_names, output_names, accuracy_level, opset_version):
+def _torch_onnx_export(gm, args, dynamic_shapes, input_names, output_names, accuracy_level, opset_version,
+                       optimize):
     from llmopt.onnx.translations import translation_table
 
     gm.eval()  # a new GraphModule is in training mode, which the exporter warns about
@@ -210,7 +215,7 @@ def _torch_onnx_export(gm, args, dynamic_shapes, input_names, output_names, accu
             return torch.onnx.export(
                 gm, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
                 output_names=output_names, custom_translation_table=translation_table(accuracy_level),
-                opset_version=opset_version, verbose=False, optimize=True,
+                opset_version=opset_version, verbose=False, optimize=optimize,
             )
     except Exception as error:  # noqa: BLE001 - torch.onnx raises many types; name the op if it said one
         raise OnnxExportError(_describe_failure(gm, error)) from error

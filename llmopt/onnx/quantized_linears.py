@@ -3,7 +3,8 @@
 Each ``llmopt::linear_int4`` / ``llmopt::linear_int8`` reads its packed weight
 from buffers the quantize pass installed. Here the weight is converted to
 ``MatMulNBits``'s format (``matmul_nbits.py``), installed as new buffers and the
-call replaced, so the ONNX translation is one ``com.microsoft::MatMulNBits`` node.
+call replaced, so the ONNX translation is one ``com.microsoft::MatMulNBits`` node
+(for int4, plus the small block-offset product that carries llmopt's float zeros).
 The other quantized ops have no weight-only ONNX Runtime form and are refused
 by the export (fp8 would need float8 matmuls, w8a8 per-token dynamic int8
 activations with llmopt's symmetric scheme).
@@ -11,6 +12,7 @@ activations with llmopt's symmetric scheme).
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -18,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 import llmopt.kernels.quantized_linear  # noqa: F401  (registers the llmopt::linear_* ops)
 from llmopt.onnx.errors import OnnxExportError
-from llmopt.onnx.matmul_nbits import NBitsWeight, from_llmopt_int4, from_llmopt_int8
+from llmopt.onnx.matmul_nbits import NBitsWeight, block_offsets, from_llmopt_int4, from_llmopt_int8
 from llmopt.passes.eliminate_dead_code import EliminateDeadCode
 from llmopt.passes.graph_utils import fake_value, module_path, static_int
 
@@ -73,7 +75,7 @@ def _install(gm: GraphModule, node: Node, weight: NBitsWeight) -> list:
         base += "_"
     device = node.args[0].meta.get("example_value").device
     names = []
-    for part in ("b", "scales", "zero_points"):
+    for part in ("b", "scales", "zero_points", "offsets"):
         tensor = getattr(weight, part)
         if tensor is None:
             names.append(None)
@@ -83,16 +85,24 @@ def _install(gm: GraphModule, node: Node, weight: NBitsWeight) -> list:
     return [names, weight.in_features, weight.out_features, weight.bits, weight.block_size]
 
 
+
 def _replace(gm: GraphModule, node: Node, installed: list) -> None:
     names, in_features, out_features, bits, block_size = installed
-    bias = _bias(node)
+    bias, x = _bias(node), node.args[0]
     graph = gm.graph
     with graph.inserting_before(node):
-        tensors = [None if name is None else graph.get_attr(name) for name in names]
-        call = graph.call_function(torch.ops.llmopt.matmul_nbits.default,
-                                   (node.args[0], *tensors, in_features, out_features, bits, block_size, bias))
-    call.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value")})
-    node.replace_all_uses_with(call)
+        b, scales, zero_points, offsets = [None if name is None else graph.get_attr(name) for name in names]
+        out = graph.call_function(torch.ops.llmopt.matmul_nbits.default,
+                                  (x, b, scales, zero_points, in_features, out_features, bits, block_size, bias))
+        new_nodes = [out]
+        if offsets is not None:
+            correction = graph.call_function(block_offsets, (x, offsets, block_size))
+            out = graph.call_function(operator.add, (out, correction))
+            new_nodes += [correction, out]
+    for new in new_nodes:
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    out.meta["example_value"] = node.meta.get("example_value")
+    node.replace_all_uses_with(out)
     graph.erase_node(node)
 
 

@@ -1,11 +1,12 @@
 """llmopt's int4/int8 weights converted to ONNX Runtime's MatMulNBits format.
 
-Two checks: the conversion (``llmopt::matmul_nbits``'s PyTorch implementation,
-which dequantizes with MatMulNBits's formula) against llmopt's own
-``llmopt::linear_int4`` / ``linear_int8`` on the same inputs, for every weight
-layout llmopt installs; and ONNX Runtime's MatMulNBits, run on the converted
-tensors in a one-node model, against that same PyTorch implementation (so the
-formula we converted to is the one ONNX Runtime computes).
+Two checks: the conversion (``NBitsWeight.linear``: ``llmopt::matmul_nbits``'s
+PyTorch implementation, which dequantizes with MatMulNBits's formula, plus
+the int4 block offsets) against llmopt's own ``llmopt::linear_int4`` /
+``linear_int8`` on the same inputs, for every weight layout llmopt installs;
+and ONNX Runtime's MatMulNBits, run on the converted tensors in a one-node
+model, against that same PyTorch implementation (so the formula we converted
+to is the one ONNX Runtime computes).
 
 Weights are ``N(0, 1/K)`` and inputs ``N(0, 1)``, so outputs are O(1).
 """
@@ -15,16 +16,16 @@ import pytest
 import torch
 
 import llmopt.kernels.quantized_linear as ql
-from llmopt.onnx.matmul_nbits import from_llmopt_int4, from_llmopt_int8, matmul_nbits
+from llmopt.onnx.matmul_nbits import block_offsets, from_llmopt_int4, from_llmopt_int8
 from llmopt.quantization import quantize_weight
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-# fp32 throughout. The converted weight is llmopt's up to one rounding of the
-# zero point (8 - z / s, about 1e-7 relative) and the products are summed in a
-# different order: observed <= 1e-6 on these O(1) outputs; 2e-5 leaves room and
-# still catches a misplaced nibble or block (errors of O(0.1)).
+# fp32 throughout. The converted weight is llmopt's exactly; the products are
+# summed in a different order (int4: the zeros through block sums): observed
+# <= 1e-6 on these O(1) outputs; 2e-5 leaves room and still catches a
+# misplaced nibble or block (errors of O(0.1)).
 ATOL = RTOL = 2e-5
 
 
@@ -60,8 +61,8 @@ def test_int4_conversion_matches_llmopt_linear_int4(layout, n, k, group_size):
     expected = ql.linear_int4(x, qweight, scales_zeros, group_size, layout, bias)
     w = from_llmopt_int4(qweight, scales_zeros, group_size, layout, k, torch.float32)
     assert w.b.shape == (n, -(-k // group_size), group_size // 2) and w.b.dtype == torch.uint8
-    got = matmul_nbits(x, w.b, w.scales, w.zero_points, k, n, 4, group_size, bias)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert w.zero_points is None  # the default, 8; llmopt's float zeros are the block offsets
+    torch.testing.assert_close(w.linear(x, bias), expected, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("k", [64, 72])  # 72: the CPU layout pads to 80 columns, blocks pad to 128
@@ -72,9 +73,8 @@ def test_int8_conversion_matches_llmopt_linear_int8(k):
     x = _x(3, k)
     expected = ql.linear_int8(x, qweight, q.tensors["scales"])
     w = from_llmopt_int8(qweight, q.tensors["scales"], k, torch.float32)
-    assert w.zero_points is None  # 8-bit: ONNX Runtime's default zero point, 128
-    got = matmul_nbits(x, w.b, w.scales, None, k, n, 8, w.block_size)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert w.zero_points is None and w.offsets is None  # 8-bit: the default zero point, 128
+    torch.testing.assert_close(w.linear(x), expected, atol=ATOL, rtol=RTOL)
 
 
 def _run_onnx_matmul_nbits(x, w, bias):
@@ -106,5 +106,7 @@ def test_onnxruntime_matmul_nbits_computes_the_converted_formula(mode):
     else:
         q = quantize_weight(weight, "int8")
         w = from_llmopt_int8(q.tensors["qweight"], q.tensors["scales"], k, torch.float32)
-    expected = matmul_nbits(x, w.b, w.scales, w.zero_points, k, n, w.bits, w.block_size, bias)
-    torch.testing.assert_close(_run_onnx_matmul_nbits(x, w, bias), expected, atol=ATOL, rtol=RTOL)
+    got = _run_onnx_matmul_nbits(x, w, bias)
+    if w.offsets is not None:  # in the exported graph: ReduceSum and MatMul nodes, not this node
+        got = got + block_offsets(x, w.offsets, w.block_size)
+    torch.testing.assert_close(got, w.linear(x, bias), atol=ATOL, rtol=RTOL)

@@ -93,9 +93,13 @@ def test_exported_graph_uses_onnxruntime_fused_operators(exported):
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == layers
     if options:  # every linear layer (7 per decoder layer, and lm_head) is one MatMulNBits
         assert ops.count(("com.microsoft", "MatMulNBits")) == 7 * layers + 1 == info.quantized_linears
-        weights = {i.name for i in graph.initializer}
-        float_linears = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
-        assert not float_linears  # (the rotary embedding's position product is the one MatMul left)
+        # Float MatMuls left: the rotary embedding's position product, and for int4 the block
+        # offsets (llmopt's float zeros, (K / group, N)): none reads a (K, N) float weight.
+        shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+        widths = (model.config.hidden_size, model.config.intermediate_size)
+        block_rows = {k // options["group_size"] for k in widths} if options["quantize"] == "int4" else set()
+        read = [shapes[i] for n in graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input if i in shapes]
+        assert all(len(shape) == 2 and shape[0] in block_rows for shape in read), read
     names = [i.name for i in graph.input]
     assert names[:2] == ["input_ids", "position_ids"]
     assert names[2:] == [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
