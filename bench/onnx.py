@@ -4,10 +4,15 @@ against llmopt in PyTorch, in one run on the same machine.
 Settings (all on the same loaded model, SmolLM2-135M fp32 by default):
   llmopt              torch.compile(model, backend="llmopt") (lower=inductor), llmopt's
                       generation loop (transformers StaticCache)
-  llmopt-int4         the same with options={"quantize": "int4", "group_size": 32}
+  llmopt-int4         the same with options={"quantize": "int4", "group_size": 32} (on CPU llmopt
+                      runs fp32 models' int4 layers with bf16 activations)
+  llmopt-int4-fp32    llmopt-int4 with LLMOPT_QUANT_CPU_DTYPE=float32: fp32 activations, the
+                      arithmetic the exported int4 model (accuracy_level 0) does
   onnxruntime         llmopt.export_onnx(model) run by onnxruntime (CPU execution
                       provider; CUDA where onnxruntime has it), llmopt.onnx.OnnxCausalLM
   onnxruntime-noopt   the same, exported with optimize=False (no onnxscript optimizer)
+  onnxruntime-nospin  the same, onnxruntime's threads not spinning while they wait
+                      (its default spins: best on an idle machine, not on a busy one)
   onnxruntime-int4    export with the int4 options (MatMulNBits, accuracy_level 0: fp32 math)
   onnxruntime-int4-acc4  int4 with accuracy_level 4 (onnxruntime quantizes activations to int8)
 
@@ -22,6 +27,7 @@ plus session creation for onnxruntime.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -46,16 +52,20 @@ machine, versions, write_record = _common.machine, _common.versions, _common.wri
 
 PROMPT = "Write a short story about a robot who learns to paint."
 INT4 = {"quantize": "int4", "group_size": 32}
-SETTINGS = ("llmopt", "llmopt-int4", "onnxruntime", "onnxruntime-noopt", "onnxruntime-int4", "onnxruntime-int4-acc4")
+SETTINGS = ("llmopt", "llmopt-int4", "llmopt-int4-fp32", "onnxruntime", "onnxruntime-noopt", "onnxruntime-nospin", "onnxruntime-int4",
+            "onnxruntime-int4-acc4")
 # setting -> (export options, export keywords); the llmopt settings compile instead.
 _EXPORTS = {
     "onnxruntime": ({}, {}),
     "onnxruntime-noopt": ({}, {"optimize": False}),
+    "onnxruntime-nospin": ({}, {}),
     "onnxruntime-int4": (INT4, {}),
     "onnxruntime-int4-acc4": (INT4, {"accuracy_level": 4}),
 }
-_REFERENCE = {"onnxruntime": "llmopt", "onnxruntime-noopt": "llmopt", "onnxruntime-int4": "llmopt-int4",
-              "onnxruntime-int4-acc4": "llmopt-int4"}
+# setting -> (llmopt setting with the same arithmetic: tokens, llmopt setting to compare speed with)
+_REFERENCE = {"onnxruntime": ("llmopt", "llmopt"), "onnxruntime-noopt": ("llmopt", "llmopt"),
+              "onnxruntime-nospin": ("llmopt", "llmopt"), "onnxruntime-int4": ("llmopt-int4-fp32", "llmopt-int4"),
+              "onnxruntime-int4-acc4": ("llmopt-int4-fp32", "llmopt-int4")}
 
 
 @dataclass
@@ -67,9 +77,10 @@ class SettingResult:
     best_decode_tokens_per_s: float  # the repeat least slowed by other work on the machine
     new_tokens: int
     runs: list = field(default_factory=list)
-    same_tokens_as: str | None = None  # the llmopt setting compared with
+    same_tokens_as: str | None = None  # the llmopt setting of the same arithmetic
     same_tokens: bool | None = None
-    vs_llmopt: float | None = None  # decode tokens/s over that llmopt setting's
+    speed_vs: str | None = None  # the llmopt setting of the same weights the speed is compared with
+    vs_llmopt: float | None = None  # decode tokens/s over that setting's
     providers: list | None = None
     tokens: list = field(default_factory=list)
 
@@ -114,15 +125,30 @@ def main(argv=None) -> int:
 def _run_llmopt(setting, model, prompt_ids, args, folder) -> SettingResult:
     from llmopt.runtime.generate import generate, warm_up
 
-    options = INT4 if setting == "llmopt-int4" else {}
-    runner = torch.compile(model, backend="llmopt", options={"lower": "inductor", **options})
-    warmup_s = warm_up(runner, prompt_ids, args.max_tokens)
+    options = INT4 if setting.startswith("llmopt-int4") else {}
+    with _quant_cpu_dtype("float32" if setting == "llmopt-int4-fp32" else None):
+        runner = torch.compile(model, backend="llmopt", options={"lower": "inductor", **options})
+        warmup_s = warm_up(runner, prompt_ids, args.max_tokens)
 
-    def once():
-        tokens, stats = generate(runner, None, prompt_ids, args.max_tokens, eos_token_ids=())
-        return tokens, stats.prefill_s, stats.decode_tokens_per_s
+        def once():
+            tokens, stats = generate(runner, None, prompt_ids, args.max_tokens, eos_token_ids=())
+            return tokens, stats.prefill_s, stats.decode_tokens_per_s
 
-    return _timed(setting, warmup_s, args.repeats, once)
+        return _timed(setting, warmup_s, args.repeats, once)
+
+
+@contextlib.contextmanager
+def _quant_cpu_dtype(value):
+    """LLMOPT_QUANT_CPU_DTYPE for one setting (read by llmopt's CPU quantized kernels at each call)."""
+    previous = os.environ.get("LLMOPT_QUANT_CPU_DTYPE")
+    if value is not None:
+        os.environ["LLMOPT_QUANT_CPU_DTYPE"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("LLMOPT_QUANT_CPU_DTYPE", None)
+        if previous is not None:
+            os.environ["LLMOPT_QUANT_CPU_DTYPE"] = previous
 
 
 def _run_onnxruntime(setting, model, prompt_ids, args, folder) -> SettingResult:
@@ -132,7 +158,7 @@ def _run_onnxruntime(setting, model, prompt_ids, args, folder) -> SettingResult:
     options, keywords = _EXPORTS[setting]
     start = time.perf_counter()
     exported = llmopt.export_onnx(model, folder / f"{setting}.onnx", options=options, **keywords)
-    session = OnnxCausalLM(exported.path, threads=args.threads)
+    session = OnnxCausalLM(exported.path, threads=args.threads, spin=setting != "onnxruntime-nospin")
     session.generate_greedy(prompt_ids[0].tolist(), 4)  # first runs allocate and tune
     warmup_s = time.perf_counter() - start
 
@@ -162,12 +188,11 @@ def _timed(setting, warmup_s, repeats, once) -> SettingResult:
 def _compare(results) -> None:
     by_name = {r.setting: r for r in results}
     for r in results:
-        reference = by_name.get(_REFERENCE.get(r.setting))
-        if reference is None:
-            continue
-        r.same_tokens_as = reference.setting
-        r.same_tokens = r.tokens == reference.tokens
-        r.vs_llmopt = r.decode_tokens_per_s / reference.decode_tokens_per_s
+        tokens_of, speed_of = (by_name.get(name) for name in _REFERENCE.get(r.setting, (None, None)))
+        if tokens_of is not None:
+            r.same_tokens_as, r.same_tokens = tokens_of.setting, r.tokens == tokens_of.tokens
+        if speed_of is not None:
+            r.speed_vs, r.vs_llmopt = speed_of.setting, r.decode_tokens_per_s / speed_of.decode_tokens_per_s
 
 
 def _onnx_versions() -> dict:
@@ -186,14 +211,14 @@ def _table(results, record) -> str:
         f"machine: {machine['cpu_model']}, {machine['cores']} cores, {config['torch_threads']} threads, "
         f"load average {machine['load_average_start'][0]:.1f} -> {machine['load_average_end'][0]:.1f}",
         "",
-        f"{'setting':<23}{'warm-up s':>10}{'prefill s':>11}{'decode tok/s':>14}{'best':>8}{'vs llmopt':>11}"
-        "  same tokens as",
+        f"{'setting':<23}{'warm-up s':>10}{'prefill s':>11}{'decode tok/s':>14}{'best':>8}"
+        f"  {'speed vs llmopt':<27}same tokens as",
     ]
     for r in results:
-        ratio = "-" if r.vs_llmopt is None else f"{r.vs_llmopt:.2f}x"
+        ratio = "-" if r.vs_llmopt is None else f"{r.vs_llmopt:.2f}x ({r.speed_vs})"
         same = "-" if r.same_tokens is None else f"{r.same_tokens_as}: {'yes' if r.same_tokens else 'NO'}"
         lines.append(f"{r.setting:<23}{r.warmup_s:>10.1f}{r.prefill_s:>11.3f}{r.decode_tokens_per_s:>14.1f}"
-                     f"{r.best_decode_tokens_per_s:>8.1f}{ratio:>11}  {same}")
+                     f"{r.best_decode_tokens_per_s:>8.1f}  {ratio:<27}{same}")
     return "\n".join(lines)
 
 
@@ -206,7 +231,8 @@ def _parse_args(argv):
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
                         help="which settings to run (default all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch and onnxruntime intra-op threads (default: all cores)")
+                        help="torch and onnxruntime intra-op threads (default: all cores; on a busy "
+                             "machine 1 avoids threads waiting on each other)")
     parser.add_argument("--out", help="JSON file to write (default bench/results/onnx-<host>-<time>.json)")
     args = parser.parse_args(argv)
     if args.max_tokens < 2 or args.repeats < 1:

@@ -132,7 +132,7 @@ def export_onnx(
                                  opset_version, optimize)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    program.save(path, external_data=False)
+    program.save(path, external_data=None)  # None: weights in the file unless over 2 GB
     return OnnxExport(path, input_names, output_names, layers, kv_cache, quantized, captured.report)
 
 

@@ -26,10 +26,10 @@ from llmopt.onnx.runtime import OnnxCausalLM  # noqa: E402
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "onnx_generate.py"
 
-# SmolLM2's fp32 logits are O(10-30). Through 30 layers, onnxruntime's and
-# PyTorch's different summation orders grow to observed <= 3e-4 absolute;
-# 2e-3 + 1e-4 * |ref| leaves room, far below what changes a greedy choice
-# here or what a wrong cache or weight layout gives (O(1)).
+# SmolLM2's fp32 logits reach ~40-60. Through its layers, onnxruntime's and
+# PyTorch's different summation orders grow to observed <= 1e-4 absolute
+# (30 layers fp32: 8e-5; 4 layers int4: 9e-5); 2e-3 + 1e-4 * |ref| leaves
+# room, far below what a wrong cache or weight layout gives (O(1)).
 ATOL, RTOL = 2e-3, 1e-4
 
 
@@ -50,7 +50,9 @@ def _example():
 
 def test_smollm2_reply_from_onnxruntime_is_llmopts_greedy_reply(smollm2, tmp_path):
     model, tokenizer = smollm2
-    exported = export_onnx(model, tmp_path / "smollm2.onnx")
+    # optimize=False: onnxscript's optimizer adds ~15 s here; onnxruntime optimizes the graph itself
+    # (the random-model tests export with the default).
+    exported = export_onnx(model, tmp_path / "smollm2.onnx", optimize=False)
     example = _example()
     result = example.generate_with_onnxruntime(exported.path, tokenizer, "What is the capital of France?", 16)
     assert "Paris" in result["text"]
@@ -77,7 +79,7 @@ def _first_layers(model, layers):
 def test_smollm2_int4_layers_match_llmopts_int4_kernels(smollm2, tmp_path):
     model = _first_layers(smollm2.model, 4)
     options = {"quantize": "int4", "group_size": 32}
-    exported = export_onnx(model, tmp_path / "smollm2-int4.onnx", options=options)
+    exported = export_onnx(model, tmp_path / "smollm2-int4.onnx", options=options, optimize=False)
     assert exported.quantized_linears == 4 * 7 + 1  # lm_head included
 
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]])
@@ -91,5 +93,4 @@ def test_smollm2_int4_layers_match_llmopts_int4_kernels(smollm2, tmp_path):
     compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", **options})
     with torch.no_grad():
         expected = model_logits(compiled, ids, positions).numpy()
-    # 4 layers: rounding differences stay smaller than through 30 (observed <= 5e-5).
     np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=ATOL, rtol=RTOL)
