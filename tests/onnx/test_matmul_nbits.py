@@ -11,7 +11,6 @@ to is the one ONNX Runtime computes).
 Weights are ``N(0, 1/K)`` and inputs ``N(0, 1)``, so outputs are O(1).
 """
 
-import numpy as np
 import pytest
 import torch
 
