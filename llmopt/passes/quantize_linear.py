@@ -190,8 +190,10 @@ def _quantized(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Op
                 f"the model's weight is {tuple(weight.shape)}; were they made from another model?"
             )
         return stored, "saved"
-    # Through the module attribute, so tests can count calls.
-    quantized = quantize_module.quantize_weight(weight, qconfig.mode, qconfig.group_size)
+    # Through the module attribute, so tests can count calls. No calibration
+    # data reaches the compiler: GPTQ weights come in through `quantized_weights`.
+    method = qconfig.resolved_method(calibrated=False)
+    quantized = quantize_module.quantize_weight(weight, qconfig.mode, qconfig.group_size, method=method)
     return quantized, "quantized now" + (" (not in the saved weights)" if saved is not None else "")
 
 

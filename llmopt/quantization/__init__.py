@@ -2,15 +2,22 @@
 
 ``torch.compile(model, backend="llmopt", options={"quantize": "int4", "group_size": 128})``
 quantizes while compiling (``passes/quantize_linear.py``). To quantize once and
-reuse the result at every start::
+reuse the result at every start (with calibration text, int4 uses GPTQ)::
 
-    weights = quantize_weights(model, QuantConfig("int4", group_size=128, skip=("lm_head",)))
+    batches = token_batches(tokenizer(text, return_tensors="pt").input_ids[0][:2048])
+    weights = quantize_weights(model, QuantConfig("int4", group_size=128, skip=("lm_head",)),
+                               calibration=batches)
     save_quantized(weights, "model.int4.safetensors")
     torch.compile(model, backend="llmopt",
-                  options={"quantize": "int4", "quantized_weights": "model.int4.safetensors"})
+                  options={"quantize": "int4", "quantize_skip": ["lm_head"],
+                           "quantized_weights": "model.int4.safetensors"})
+
+(A layer missing from the saved weights and not skipped is quantized while
+compiling, by round-to-nearest: the compiler has no calibration data.)
 """
 
-from llmopt.quantization.config import GROUP_SIZES, MODES, QuantConfig
+from llmopt.quantization.calibration import LayerStatistics, collect_statistics, token_batches
+from llmopt.quantization.config import GROUP_SIZES, METHODS, MODES, QuantConfig
 from llmopt.quantization.quantize import (
     QuantizedLinear,
     calibrate,
@@ -22,15 +29,19 @@ from llmopt.quantization.storage import QuantizedWeights, load_quantized, save_q
 
 __all__ = [
     "GROUP_SIZES",
+    "LayerStatistics",
+    "METHODS",
     "MODES",
     "QuantConfig",
     "QuantizedLinear",
     "QuantizedWeights",
     "calibrate",
+    "collect_statistics",
     "load_quantized",
     "quantize_weight",
     "quantize_weights",
     "save_quantized",
     "smoothing_factors",
+    "token_batches",
     "weight_bytes",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from llmopt.config import LLMOptConfigError
 
 MODES = ("int8", "int4", "fp8", "w8a8")
+METHODS = ("rtn", "mse", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
 REGEX_PREFIX = "re:"
 
@@ -35,12 +36,20 @@ class QuantConfig:
             starting with ``"re:"`` is a regular expression searched in the path.
         smoothquant_alpha: migration strength for w8a8 with calibration
             (0 keeps the activations' outliers, 1 moves them all to the weights).
+        method: how int4 weights are rounded: ``"rtn"`` (each group's
+            min..max grid, nearest level), ``"mse"`` (per-group grid of least
+            squared error; weighted by the inputs' mean square with
+            calibration) or ``"gptq"`` (``"mse"`` grids, then GPTQ's error
+            compensation; needs calibration). None (default): ``"gptq"`` when
+            calibration batches are given, else ``"rtn"``. The 8-bit modes
+            only round to nearest (None or ``"rtn"``).
     """
 
     mode: str
     group_size: int = 128
     skip: tuple[str, ...] = field(default_factory=tuple)
     smoothquant_alpha: float = 0.5
+    method: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -49,6 +58,20 @@ class QuantConfig:
         alpha = self.smoothquant_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise LLMOptConfigError(f"smoothquant_alpha must be a number in [0, 1], got {alpha!r}")
+        if self.method is not None and self.method not in METHODS:
+            raise LLMOptConfigError(
+                f"quantization method {self.method!r}; valid choices are None, {', '.join(repr(m) for m in METHODS)}"
+            )
+        if self.method not in (None, "rtn") and self.mode != "int4":
+            raise LLMOptConfigError(f"quantization method {self.method!r} is for int4; {self.mode} rounds to nearest")
+
+    def resolved_method(self, calibrated: bool) -> str:
+        """The method used, given whether calibration batches are at hand."""
+        if self.mode != "int4":
+            return "rtn"
+        if self.method is not None:
+            return self.method
+        return "gptq" if calibrated else "rtn"
 
     @classmethod
     def from_llmopt(cls, config: Any) -> "QuantConfig":

@@ -1,21 +1,24 @@
-"""Weights -> packed quantized tensors, and SmoothQuant calibration.
+"""Weights -> packed quantized tensors, SmoothQuant factors, whole models.
 
 The formats are those of :mod:`llmopt.kernels.quantized_linear` (its
-docstring has the formulas). Scales and zero points are computed and kept in
-fp32 whatever the weight's dtype; the compiler casts them to what each
-kernel wants when it installs them.
+docstring has the formulas); how int4 grids are chosen is in
+:mod:`llmopt.quantization.int4`. Scales and zero points are kept in fp32
+whatever the weight's dtype (int4 grids hold bf16-exact values); the compiler
+casts them to what each kernel wants when it installs them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmopt.kernels.quantized_linear import dequantize_fp8, dequantize_int4, dequantize_int8, pack_int4
+from llmopt.quantization import int4
+from llmopt.quantization.calibration import LayerStatistics, collect_statistics
 from llmopt.quantization.config import QuantConfig
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -52,10 +55,21 @@ class QuantizedLinear:
 
 
 def quantize_weight(
-    weight: Tensor, mode: str, group_size: int = 128, smooth: Optional[Tensor] = None
+    weight: Tensor,
+    mode: str,
+    group_size: int = 128,
+    smooth: Optional[Tensor] = None,
+    method: str = "rtn",
+    hessian: Optional[Tensor] = None,
 ) -> QuantizedLinear:
-    """Quantize a ``(out_features, in_features)`` linear weight (not modified)."""
-    QuantConfig(mode=mode, group_size=group_size)  # validates both
+    """Quantize a ``(out_features, in_features)`` linear weight (not modified).
+
+    ``method`` (int4 only: ``"rtn"``, ``"mse"``, ``"gptq"``) and ``hessian``
+    (``sum x x^T`` of the layer's calibration inputs, ``(in, in)``; weighs
+    ``"mse"``, required by ``"gptq"``) are described in
+    :mod:`llmopt.quantization.int4`.
+    """
+    QuantConfig(mode=mode, group_size=group_size, method=method)  # validates all three
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_weight: expected a 2-D floating weight, got {tuple(weight.shape)} {weight.dtype}")
     w = weight.detach().float()
@@ -70,7 +84,7 @@ def quantize_weight(
         scales = w.abs().amax(dim=1).clamp(min=_TINY) / FP8_MAX
         tensors = {"qweight": (w / scales[:, None]).to(torch.float8_e4m3fn), "scales": scales}
     else:
-        tensors = _asymmetric_int4(w, group_size)
+        tensors = _asymmetric_int4(w, group_size, method, hessian)
     return QuantizedLinear(mode, k, n, tensors, group_size if mode == "int4" else None)
 
 
@@ -81,18 +95,33 @@ def _symmetric_int8(w: Tensor) -> dict[str, Tensor]:
     return {"qweight": q, "scales": scales}
 
 
-def _asymmetric_int4(w: Tensor, group_size: int) -> dict[str, Tensor]:
-    n, k = w.shape
-    padded = -k % group_size  # zero columns up to a whole group; inputs are zero-padded to match
-    groups = F.pad(w, (0, padded)).reshape(n, -1, group_size)
-    low, high = torch.aminmax(groups, dim=2)
-    scales = ((high - low) / 15.0).clamp(min=_TINY)
-    # In place on the padded copy: weights are large and this runs for every layer.
-    q = groups.sub_(low[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
-    # q * scale + low == (q - 8) * scale + zero with zero = low + 8 * scale (PyTorch's int4 convention)
-    zeros = low + 8.0 * scales
-    scales_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # (groups, N, 2)
-    return {"qweight": pack_int4(q.reshape(n, -1)), "scales_zeros": scales_zeros}
+def _asymmetric_int4(w: Tensor, group_size: int, method: str, hessian: Optional[Tensor]) -> dict[str, Tensor]:
+    if method == "gptq" and hessian is None:
+        raise ValueError("int4 method 'gptq' needs the layer's input Hessian (calibration batches)")
+    k = w.shape[1]
+    if hessian is not None and tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian is {tuple(hessian.shape)}; the weight has {k} input features")
+    padded = int4.pad_to_groups(w, group_size)  # whole groups; inputs are zero-padded to match
+    n, kp = padded.shape
+    groups = padded.reshape(n, -1, group_size)
+    if method == "rtn":
+        scales, lows = int4.minmax_grid(groups)
+    else:
+        scales, lows = int4.search_grid(groups, _importance(hessian, k, kp).reshape(-1, group_size))
+    if method == "gptq":
+        levels = int4.gptq(padded, hessian.to(w.device), scales, lows, group_size)
+    else:
+        levels = int4.round_to_grid(groups, scales[..., None], lows[..., None]).reshape(n, kp)
+    # (q - 8) * scale + zero == q * scale + low: PyTorch's int4 convention (see the kernels' docs).
+    scales_zeros = torch.stack((scales.t(), int4.zero_points(scales, lows).t()), dim=-1).contiguous()
+    return {"qweight": pack_int4(levels), "scales_zeros": scales_zeros}
+
+
+def _importance(hessian: Optional[Tensor], k: int, width: int) -> Tensor:
+    """Weight of each column's rounding error: ``E[x_j^2]`` up to a constant (the
+    Hessian's diagonal), or 1 without calibration; 0 on the padding columns."""
+    diagonal = torch.ones(k) if hessian is None else torch.diagonal(hessian).float().clamp(min=0).cpu()
+    return F.pad(diagonal, (0, width - k))
 
 
 # ---------------------------------------------------------------- SmoothQuant
@@ -111,30 +140,13 @@ def smoothing_factors(activation_absmax: Tensor, weight: Tensor, alpha: float = 
     return torch.where(act > 0, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
-@torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, Tensor]:
     """Run ``batches`` through ``model`` (eagerly) and record, for every ``nn.Linear``,
     the largest ``|x|`` seen on each input feature: ``{layer name: (in_features,)}``.
 
     A batch is a tensor (passed as the only argument) or a dict of keyword arguments.
     """
-    absmax: dict[str, Tensor] = {}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear)]
-    try:
-        for batch in batches:
-            model(**batch) if isinstance(batch, Mapping) else model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return absmax
+    return collect_statistics(model, batches, hessians=False).absmax
 
 
 # ---------------------------------------------------------------- whole models
@@ -146,22 +158,71 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
     Returns a :class:`~llmopt.quantization.storage.QuantizedWeights` keyed by
     module path (``"model.layers.0.mlp.up_proj"``), ready for
     :func:`~llmopt.quantization.storage.save_quantized` or the compile option
-    ``quantized_weights``. The model is not modified. With ``mode="w8a8"`` and
-    ``calibration`` batches, SmoothQuant factors are computed from them first.
+    ``quantized_weights``. The model is not modified.
+
+    ``calibration``: batches of sample inputs (tensors, or dicts of keyword
+    arguments; :func:`~llmopt.quantization.calibration.token_batches` cuts token
+    ids into windows), run through the model once. ``w8a8`` computes
+    SmoothQuant factors from them; ``int4`` uses them for GPTQ (the default
+    method with calibration) or to weigh ``"mse"``. Other modes take none.
     """
     from llmopt.quantization.storage import QuantizedWeights
 
     if isinstance(config, str):
         config = QuantConfig(mode=config)
-    if calibration is not None and config.mode != "w8a8":
-        raise ValueError(f"calibration batches are only used by mode 'w8a8', not {config.mode!r}")
-    absmax = calibrate(model, calibration) if calibration is not None else {}
+    if calibration is not None and config.mode not in ("w8a8", "int4"):
+        raise ValueError(f"calibration batches are used by modes 'w8a8' and 'int4', not {config.mode!r}")
+    method = config.resolved_method(calibrated=calibration is not None)
+    if method == "gptq" and calibration is None:
+        raise ValueError("int4 method 'gptq' needs calibration batches (quantize_weights(..., calibration=...))")
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not config.skip_pattern(name)}
+    stats = None
+    if calibration is not None:
+        stats = collect_statistics(model, calibration, hessians=config.mode == "int4",
+                                   absmax=config.mode == "w8a8", layers=set(linears))
+    if config.mode == "int4":
+        layers = _quantize_int4_layers(linears, config.group_size, method, stats)
+    else:
+        layers = {}
+        for name, module in linears.items():
+            smooth = None
+            if stats is not None and name in stats.absmax:
+                smooth = smoothing_factors(stats.absmax[name], module.weight, config.smoothquant_alpha)
+            layers[name] = quantize_weight(module.weight, config.mode, config.group_size, smooth)
+    group_size = config.group_size if config.mode == "int4" else None
+    return QuantizedWeights(config.mode, group_size, layers, method=method)
+
+
+def _quantize_int4_layers(linears: dict[str, nn.Linear], group_size: int, method: str,
+                          stats: Optional[LayerStatistics]) -> dict[str, QuantizedLinear]:
+    """int4 layers; those sharing a Hessian (the same inputs) are quantized stacked, in one
+    GPTQ sweep: its rows are independent, and one sweep over the columns costs the same
+    whatever the number of rows."""
+    batches: dict[str, list[str]] = {}
+    for name in linears:
+        owner = stats.hessian_owner.get(name) if stats is not None else None
+        if method == "gptq" and owner is None:
+            raise ValueError(f"int4 method 'gptq': calibration never reached layer {name!r}")
+        batches.setdefault(owner if method == "gptq" else name, []).append(name)
     layers = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or config.skip_pattern(name):
-            continue
-        smooth = None
-        if name in absmax:
-            smooth = smoothing_factors(absmax[name], module.weight, config.smoothquant_alpha)
-        layers[name] = quantize_weight(module.weight, config.mode, config.group_size, smooth)
-    return QuantizedWeights(config.mode, config.group_size if config.mode == "int4" else None, layers)
+    for key, names in batches.items():
+        hessian = stats.hessian(names[0]) if stats is not None else None
+        weight = torch.cat([linears[n].weight.detach().float() for n in names]) if len(names) > 1 \
+            else linears[names[0]].weight
+        stacked = quantize_weight(weight, "int4", group_size, method=method, hessian=hessian)
+        layers.update(zip(names, _split_rows(stacked, [linears[n].out_features for n in names])))
+    return {name: layers[name] for name in linears}  # in the model's order
+
+
+def _split_rows(layer: QuantizedLinear, sizes: list[int]) -> list[QuantizedLinear]:
+    """An int4 layer of stacked weights -> one layer per block of output rows."""
+    if len(sizes) == 1:
+        return [layer]
+    qweights = layer.tensors["qweight"].split(sizes, dim=0)
+    scales_zeros = layer.tensors["scales_zeros"].split(sizes, dim=1)
+    return [
+        QuantizedLinear("int4", layer.in_features, n, {"qweight": q.contiguous(), "scales_zeros": sz.contiguous()},
+                        layer.group_size)
+        for n, q, sz in zip(sizes, qweights, scales_zeros)
+    ]

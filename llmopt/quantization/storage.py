@@ -4,7 +4,9 @@ A file holds each layer's tensors as ``"<layer path>.<tensor name>"`` (e.g.
 ``model.layers.0.mlp.up_proj.qweight``) in the saved formats of
 :mod:`llmopt.kernels.quantized_linear` (int4 in the nibble layout, scales in
 fp32), and its metadata says the format, mode, group size and each layer's
-shape. Loading reads the tensors back as they are: nothing is re-quantized.
+shape (and, since the int4 methods, how the weights were rounded: files
+without it load as well). Loading reads the tensors back as they are:
+nothing is re-quantized.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class QuantizedWeights:
     mode: str
     group_size: Optional[int]
     layers: dict[str, QuantizedLinear] = field(default_factory=dict)
+    method: Optional[str] = None  # how they were rounded ("rtn", "mse", "gptq"); None: not recorded
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +58,7 @@ def save_quantized(weights: QuantizedWeights, path: Union[str, os.PathLike]) -> 
         "mode": weights.mode,
         "group_size": str(weights.group_size or 0),
         "layers": json.dumps(shapes),
+        "method": weights.method or "",
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -80,7 +84,7 @@ def load_quantized(path: Union[str, os.PathLike], device: Union[str, torch.devic
             tensors = {k[len(prefix):]: f.get_tensor(k) for k in keys
                        if k.startswith(prefix) and "." not in k[len(prefix):]}
             layers[name] = QuantizedLinear(mode, in_features, out_features, tensors, group_size)
-    return QuantizedWeights(mode, group_size, layers)
+    return QuantizedWeights(mode, group_size, layers, method=meta.get("method") or None)
 
 
 def weight_bytes(obj: Union[QuantizedWeights, QuantizedLinear, nn.Module]) -> int:
