@@ -2,14 +2,16 @@
 
 Perplexity on a text (default ../shared/data/text/macbeth.txt) with fixed
 windows (context 512, stride 256: each token scored once), capped to the
-first --max-tokens tokens so the whole table runs in minutes on CPU. Wanda's
-calibration text is another file (default tempest.txt), so the scored text is
-never seen during calibration. Quantized settings run only where the backend
-accepts the option. Pruning has no quality target yet: the numbers are
+first --max-tokens tokens. The calibration text (Wanda, GPTQ, SmoothQuant)
+is another file (default tempest.txt), so the scored text is never seen
+during calibration. Quantized settings run only where the backend accepts the
+option, through the real kernels (compiled, eager lowering). int4 rows: "rtn"
+is what ``quantize="int4"`` does while compiling; "gptq" quantizes first from
+the calibration text. Pruning has no quality target yet: the numbers are
 reported as measured. Writes JSON under bench/results/ and prints a markdown
 table.
 
-    python bench/quality.py [--max-tokens 768] [--only fp32 bf16 prune ...]
+    python bench/quality.py [--max-tokens 4096] [--threads 1] [--only fp32 bf16 quantize ...]
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--text", default=str(TEXTS / "macbeth.txt"))
-    p.add_argument("--calibration", default=str(TEXTS / "tempest.txt"), help="Wanda calibration text")
+    p.add_argument("--calibration", default=str(TEXTS / "tempest.txt"),
+                   help="calibration text (Wanda, GPTQ, SmoothQuant)")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--context-length", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=768)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 on a CPU shared with other jobs)")
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity")
     p.add_argument("--structured-sparsity", type=float, nargs="+", default=[0.5, 0.25],
                    help="heads/channels ratios")
@@ -71,9 +76,26 @@ def settings(args) -> list[tuple[str, quality.Setting]]:
         if not _accepted(mode):
             print(f"quantize {mode!r}: not accepted by the backend, skipped", file=sys.stderr)
             continue
-        sizes = GROUP_SIZES if mode == "int4" else (None,)
-        rows += [("quantize", quality.Setting(quantize=mode, group_size=g)) for g in sizes]
+        rows += [("quantize", s) for s in _quantize_settings(mode)]
     return [(family, s) for family, s in rows if not args.only or family in args.only]
+
+
+def _quantize_settings(mode: str) -> list[quality.Setting]:
+    if mode == "w8a8":
+        return [quality.Setting(quantize=mode), quality.Setting(quantize=mode, smoothquant=True)]
+    if mode != "int4":
+        return [quality.Setting(quantize=mode)]
+    # Compiling alone (round to nearest, every linear layer), then GPTQ from the
+    # calibration text with the lm_head (tied to the embedding) kept in float;
+    # at g128 the two cross (GPTQ with the lm_head in int4, RTN without) to
+    # show what each choice costs.
+    float_head = ("lm_head",)
+    rows = [quality.Setting(quantize=mode, group_size=g, quantize_method="rtn") for g in GROUP_SIZES]
+    rows += [quality.Setting(quantize=mode, group_size=g, quantize_method="gptq", quantize_skip=float_head)
+             for g in GROUP_SIZES]
+    rows += [quality.Setting(quantize=mode, group_size=128, quantize_method="gptq"),
+             quality.Setting(quantize=mode, group_size=128, quantize_method="rtn", quantize_skip=float_head)]
+    return rows
 
 
 def _accepted(mode: str) -> bool:
@@ -88,6 +110,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from llmopt.models import load
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = load(args.model, dtype=torch.float32)
     tokens = quality.tokenize(tokenizer, quality.read_text(args.text))
@@ -121,10 +145,13 @@ def main(argv=None) -> int:
         "text": Path(args.text).name,
         "text_tokens": total_tokens,
         "scored_prefix_tokens": len(tokens),
-        "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens (Wanda only)",
+        "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens "
+                       f"(Wanda, GPTQ, SmoothQuant; windows of {args.context_length})",
         "context_length": args.context_length,
         "stride": args.stride,
-        "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling",
+        "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling "
+                  "and quantizing from calibration (quantize_seconds); weight_bytes: the tensors the "
+                  "compiled graphs read (tied embedding and lm_head once)",
         "runtime_s": runtime,
         "rows": rows,
     }

@@ -266,7 +266,10 @@ class Setting:
     Structured pruning ("heads", "channels") is applied to a copy of the model
     (:func:`llmopt.pruning.prune_model`); unstructured / 2:4 pruning and
     quantization are backend options, so those settings are compiled.
-    ``prune`` holds ``method``, ``sparsity`` and ``pattern``.
+    ``prune`` holds ``method``, ``sparsity`` and ``pattern``. Quantization
+    with calibration (``quantize_method="gptq"``, or ``smoothquant`` for
+    w8a8) quantizes first with :func:`llmopt.quantization.quantize_weights`
+    and compiles with those weights (``quantized_weights``).
     """
 
     dtype: str = "float32"
@@ -275,6 +278,9 @@ class Setting:
     group_size: int | None = None
     compile: bool | None = None  # None: only when backend options need it
     lower: str = "eager"
+    quantize_method: str | None = None  # int4: "rtn", "mse", "gptq" (None: what compiling does, rtn)
+    quantize_skip: tuple[str, ...] = ()
+    smoothquant: bool = False  # w8a8: SmoothQuant factors from the calibration text
 
     @property
     def label(self) -> str:
@@ -285,7 +291,18 @@ class Setting:
                          f"{p.get('sparsity', 0.5):.0%}")
         if self.quantize:
             parts.append(self.quantize + (f" g{self.group_size}" if self.group_size else ""))
+            if self.quantize_method:
+                parts.append(self.quantize_method)
+            if self.smoothquant:
+                parts.append("smoothquant")
+            if self.quantize_skip:
+                parts.append("(float: " + ", ".join(self.quantize_skip) + ")")
         return " ".join(parts)
+
+    @property
+    def calibrated_quantization(self) -> bool:
+        """Whether the weights are quantized from calibration statistics before compiling."""
+        return bool(self.quantize) and (self.smoothquant or self.quantize_method in ("gptq", "mse"))
 
     @property
     def structured(self) -> bool:
@@ -298,6 +315,8 @@ class Setting:
             options["prune"] = dict(self.prune, **({"calibration": calibration} if calibration else {}))
         if self.quantize:
             options["quantize"] = self.quantize
+            if self.quantize_skip:
+                options["quantize_skip"] = tuple(self.quantize_skip)
         if self.group_size:
             options["group_size"] = self.group_size
         return options
@@ -320,8 +339,9 @@ def evaluate(
     """Perplexity of ``model`` under ``setting`` on ``tokens``: one table row (a dict).
 
     ``model`` is left as it is (a copy is made when the dtype or the layers
-    change). ``calibration`` holds token ids for Wanda. ``seconds`` includes
-    compiling, which happens on the first window.
+    change). ``calibration`` holds token ids for Wanda, GPTQ and SmoothQuant.
+    ``seconds`` includes compiling, which happens on the first window, and
+    quantizing from calibration (also reported alone as ``quantize_seconds``).
     """
     from llmopt.config import LLMOptConfig
     from llmopt.pruning import collect_activation_norms, prune_model
@@ -336,8 +356,12 @@ def evaluate(
     elif wanda:
         norms = collect_activation_norms(work, calibration, context_length=context_length)
     start = time.perf_counter()
+    quantize_seconds = None
     if setting.compiled:
         options = setting.backend_options(norms)
+        if setting.calibrated_quantization:
+            options["quantized_weights"] = _quantize_with_calibration(work, setting, calibration, context_length)
+            quantize_seconds = time.perf_counter() - start
         LLMOptConfig.from_options(options)  # bad options fail here, before any compiling
         runner, weights = compile_with_llmopt(work, options)
     else:
@@ -347,6 +371,7 @@ def evaluate(
         "setting": setting.label,
         **result.to_dict(),
         "seconds": time.perf_counter() - start,
+        "quantize_seconds": quantize_seconds,
         "weight_bytes": weights.bytes if weights is not None else model_weight_bytes(work),
         "parameters": sum(p.numel() for p in work.parameters()),
         "compiled": setting.compiled,
@@ -354,7 +379,21 @@ def evaluate(
         "prune": dict(setting.prune) if setting.prune else None,
         "quantize": setting.quantize,
         "group_size": setting.group_size,
+        "quantize_method": setting.quantize_method,
+        "quantize_skip": list(setting.quantize_skip),
+        "smoothquant": setting.smoothquant,
     }
+
+
+def _quantize_with_calibration(model, setting: Setting, calibration, context_length: int):
+    from llmopt.quantization import QuantConfig, quantize_weights, token_batches
+
+    if calibration is None:
+        raise ValueError(f"{setting.label}: quantizing from calibration needs calibration tokens (a calibration text)")
+    method = setting.quantize_method if setting.quantize == "int4" else None
+    config = QuantConfig(setting.quantize, group_size=setting.group_size or 128,
+                         skip=tuple(setting.quantize_skip), method=method)
+    return quantize_weights(model, config, calibration=token_batches(calibration, context_length))
 
 
 def _as_dtype(model: torch.nn.Module, dtype_name: str, copy: bool) -> torch.nn.Module:

@@ -233,3 +233,26 @@ def test_gptq_model_is_closer_to_float_than_rtn_and_survives_save_and_load(tmp_p
     # Measured: rtn 0.221, gptq 0.188 relative logit error (random weights and
     # tokens leave GPTQ less to gain than a trained model's correlated inputs do).
     assert error(str(path)) < 0.9 * error(rtn)
+
+
+def test_quality_settings_quantize_from_calibration_before_compiling():
+    from llmopt import quality
+
+    model = random_llama(heads="gqa", num_layers=1)
+    tokens = torch.randint(0, 256, (64,), generator=_generator(20))
+    calibration = torch.randint(0, 256, (96,), generator=_generator(21))
+    setting = quality.Setting(quantize="int4", group_size=32, quantize_method="gptq", quantize_skip=("lm_head",))
+    assert setting.label == "fp32 int4 g32 gptq (float: lm_head)"
+    row = quality.evaluate(model, tokens, setting, context_length=32, stride=16, calibration=calibration)
+    assert row["quantize_seconds"] is not None and row["quantize_method"] == "gptq"
+
+    weights = quantize_weights(model, QuantConfig("int4", group_size=32, skip=("lm_head",)),
+                               calibration=token_batches(calibration, 32))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="llmopt", options={
+        "lower": "eager", "quantize": "int4", "group_size": 32, "quantize_skip": ("lm_head",),
+        "quantized_weights": weights})
+    want = quality.perplexity_of_tokens(compiled, tokens, 32, 16, progress=False)
+    assert row["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        quality.evaluate(model, tokens, setting, context_length=32, stride=16)
