@@ -68,10 +68,16 @@ def as_bf16(t: Tensor) -> Tensor:
 
 
 def exact_grid(scales: Tensor, lows: Tensor) -> tuple[Tensor, Tensor]:
-    """The nearest grid whose scale and zero point (``low + 8 * scale``) are bf16 values."""
-    scales = as_bf16(scales.clamp(min=_TINY))
+    """The nearest grid whose scale and zero point (``low + 8 * scale``) are bf16 values.
+
+    The zero point (level 8, mid-grid) is rounded where it was, so the scale's
+    rounding moves the levels by at most 8 times its error (at the ends),
+    where keeping ``low`` would move the top level by 15 times.
+    """
+    scales = scales.clamp(min=_TINY)
+    rounded = as_bf16(scales)
     zeros = as_bf16(lows + 8.0 * scales)
-    return scales, zeros - 8.0 * scales
+    return rounded, zeros - 8.0 * rounded
 
 
 def zero_points(scales: Tensor, lows: Tensor) -> Tensor:
