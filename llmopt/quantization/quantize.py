@@ -199,14 +199,14 @@ def _quantize_int4_layers(linears: dict[str, nn.Linear], group_size: int, method
     """int4 layers; those sharing a Hessian (the same inputs) are quantized stacked, in one
     GPTQ sweep: its rows are independent, and one sweep over the columns costs the same
     whatever the number of rows."""
-    batches: dict[str, list[str]] = {}
+    stacks: dict[str, list[str]] = {}  # layers quantized together, keyed by the first one
     for name in linears:
         owner = stats.hessian_owner.get(name) if stats is not None else None
         if method == "gptq" and owner is None:
             raise ValueError(f"int4 method 'gptq': calibration never reached layer {name!r}")
-        batches.setdefault(owner if method == "gptq" else name, []).append(name)
+        stacks.setdefault(owner if method == "gptq" else name, []).append(name)
     layers = {}
-    for key, names in batches.items():
+    for names in stacks.values():
         hessian = stats.hessian(names[0]) if stats is not None else None
         weight = torch.cat([linears[n].weight.detach().float() for n in names]) if len(names) > 1 \
             else linears[names[0]].weight
