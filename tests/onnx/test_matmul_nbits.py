@@ -28,14 +28,6 @@ ort = pytest.importorskip("onnxruntime")
 ATOL = RTOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def _llmopt_quantized_linears_in_fp32(monkeypatch):
-    """llmopt runs fp32 int4/int8 layers in bf16 on CPU by default (for speed); the
-    export computes in fp32 (MatMulNBits, accuracy_level 0), so the reference
-    uses llmopt's fp32 path: the comparison is then of the same arithmetic."""
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
-
-
 def _weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
 

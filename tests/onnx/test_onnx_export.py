@@ -33,14 +33,6 @@ PROVIDERS.append("CPUExecutionProvider")
 # room while a wrong cache position, mask or weight layout gives errors of O(1).
 ATOL, RTOL = 1e-4, 1e-5
 
-
-@pytest.fixture(autouse=True)
-def _llmopt_quantized_linears_in_fp32(monkeypatch):
-    """llmopt runs fp32 int4/int8 layers in bf16 on CPU by default (for speed); the
-    export computes in fp32 (MatMulNBits, accuracy_level 0), so the reference
-    uses llmopt's fp32 path: the comparison is then of the same arithmetic."""
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
-
 CASES = {
     "llama-gqa": (lambda: random_llama("gqa"), {}),
     # int4 with q/k/v biases (Qwen2); group 32, so K=64 has two groups.

@@ -33,14 +33,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "onnx_generate.py"
 ATOL, RTOL = 2e-3, 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _llmopt_quantized_linears_in_fp32(monkeypatch):
-    """llmopt runs fp32 int4/int8 layers in bf16 on CPU by default (for speed); the
-    export computes in fp32 (MatMulNBits, accuracy_level 0), so the reference
-    uses llmopt's fp32 path: the comparison is then of the same arithmetic."""
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
-
-
 def _example():
     spec = importlib.util.spec_from_file_location("onnx_generate_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
