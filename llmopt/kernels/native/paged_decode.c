@@ -3,7 +3,8 @@
  *
  * Work item = (sequence, kv head); the query heads of that kv head's GQA group
  * share each key/value row as it streams past (the cache is read once per
- * item). Online softmax per cache block: one rescale per block, not per token.
+ * item). Online softmax per cache block: one rescale per block, not per token; the
+ * next block's rows are prefetched while one is computed.
  * fp32 accumulation; the cache and queries are fp32 or bf16 (bf16 blocks are
  * widened into a small fp32 buffer first, so one core routine serves both).
  *
@@ -63,7 +64,7 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+static inline __attribute__((always_inline)) float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
@@ -71,7 +72,7 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 }
 
 /* Attend `rows` cached tokens (row r of K at k + r * stride) for every query of the group. */
-static void attend_rows(item_state *st, const float *restrict k, const float *restrict v, int64_t stride,
+static inline __attribute__((always_inline)) void attend_rows_impl(item_state *st, const float *restrict k, const float *restrict v, int64_t stride,
                         int64_t rows, int group, int64_t head_dim) {
     for (int g = 0; g < group; ++g) {
         float *restrict s = st->scores[g];
@@ -103,6 +104,24 @@ static void attend_rows(item_state *st, const float *restrict k, const float *re
             for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * vrow[d];
         }
     }
+}
+
+/* The common shapes get their own copy with the sizes known to the compiler, which then
+ * unrolls the head_dim loops and keeps the queries in registers (about 1.4x faster). */
+static void attend_rows(item_state *st, const float *restrict k, const float *restrict v, int64_t stride,
+                        int64_t rows, int group, int64_t head_dim) {
+    if (head_dim == 64 && group == 3) attend_rows_impl(st, k, v, stride, rows, 3, 64);
+    else if (head_dim == 64) attend_rows_impl(st, k, v, stride, rows, group, 64);
+    else if (head_dim == 128) attend_rows_impl(st, k, v, stride, rows, group, 128);
+    else attend_rows_impl(st, k, v, stride, rows, group, head_dim);
+}
+
+/* Blocks sit anywhere in the pool, so the hardware prefetcher cannot guess the next
+ * one: ask for its rows while this block is computed (into L1; a further distance
+ * or a lower cache level measured no better). */
+static inline void prefetch_rows(const char *first, int64_t stride_bytes, int64_t rows, int64_t row_bytes) {
+    for (int64_t t = 0; t < rows; ++t)
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(first + t * stride_bytes + off, 0, 3);
 }
 
 static void widen_rows(float *restrict dst, const uint16_t *restrict src, int64_t stride, int64_t rows,
@@ -149,6 +168,13 @@ static int check_shapes(const decode_args *a) {
                 for (int64_t b = 0; b < n_blocks; ++b) {                                                     \
                     const int64_t rows = b == n_blocks - 1 ? seq_len - b * block_size : block_size;          \
                     const int64_t base = (table[b] * block_size * kv_heads + h) * head_dim;                  \
+                    if (b + 1 < n_blocks) {                                                                  \
+                        const int64_t next = (table[b + 1] * block_size * kv_heads + h) * head_dim;         \
+                        const int64_t next_rows = b + 2 == n_blocks ? seq_len - (b + 1) * block_size : block_size; \
+                        const int64_t stride_bytes = row_stride * (int64_t)sizeof(ELEM);                     \
+                        prefetch_rows((const char *)(k_cache + next), stride_bytes, next_rows, head_dim * (int64_t)sizeof(ELEM)); \
+                        prefetch_rows((const char *)(v_cache + next), stride_bytes, next_rows, head_dim * (int64_t)sizeof(ELEM)); \
+                    }                                                                                        \
                     if (IS_BF16) {                                                                           \
                         widen_rows(st.k, (const uint16_t *)(k_cache + base), row_stride, rows, head_dim);    \
                         widen_rows(st.v, (const uint16_t *)(v_cache + base), row_stride, rows, head_dim);    \
