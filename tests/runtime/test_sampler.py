@@ -67,6 +67,17 @@ def test_greedy_is_argmax_first_index_on_ties():
     assert sample(logits, [GREEDY] * 6, [None] * 6)[2] == 10
 
 
+def test_greedy_first_index_on_ties_at_vocab_width():
+    # A real vocabulary's width takes the vectorised reduction: ties inside one
+    # SIMD lane group, across groups and at both ends must still give the first.
+    torch.manual_seed(0)
+    logits = torch.randint(0, 4, (16, 49152)).float()
+    logits[0, [7, 8, 40000]] = 9.0
+    logits[1, [49151, 3]] = 9.0
+    assert sample(logits, [GREEDY] * 16, [None] * 16) == logits.argmax(-1).tolist()
+    assert sample(logits, [GREEDY] * 16, [None] * 16)[:2] == [7, 3]
+
+
 def test_greedy_bf16_equals_argmax_of_fp32():
     torch.manual_seed(1)
     logits = torch.randn(8, 1000).to(torch.bfloat16)
