@@ -129,13 +129,7 @@ class LLMOptConfig:
             raise LLMOptConfigError(
                 f"llmopt options must be a dict, got {type(options).__name__}"
             )
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in options:
-            if key not in known:
-                raise LLMOptConfigError(
-                    f"unknown llmopt option {key!r}; valid options are {_quoted(known)}"
-                )
-        return cls(**dict(options))
+        return cls(**checked_fields(cls, options, "llmopt option"))
 
     def replace(self, **changes: Any) -> "LLMOptConfig":
         return dataclasses.replace(self, **changes)
@@ -146,6 +140,16 @@ def _check_choice(option: str, value: Any, choices) -> None:
         raise LLMOptConfigError(
             f"option {option!r} got {value!r}; valid choices are {_quoted(choices)}"
         )
+
+
+def checked_fields(cls, options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``options`` as keyword arguments of the dataclass ``cls``; an unknown key raises,
+    naming ``what`` it is and the valid ones (so a typo is not silently ignored)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in known:
+            raise LLMOptConfigError(f"unknown {what} {key!r}; valid options are {_quoted(known)}")
+    return dict(options)
 
 
 def _quoted(names) -> str:

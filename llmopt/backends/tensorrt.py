@@ -31,7 +31,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import _get_qualified_name
 
-from llmopt.config import LLMOptConfigError
+from llmopt.config import LLMOptConfigError, checked_fields
 from llmopt.rewriter.log import logger, warn_fallback
 
 INSTALL_HINT = 'pip install "llmopt[tensorrt]"'
@@ -107,13 +107,7 @@ class TensorRTSettings:
             raise LLMOptConfigError(
                 f"option 'tensorrt' must be a dict of TensorRT settings, got {type(options).__name__}"
             )
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in options:
-            if key not in known:
-                raise LLMOptConfigError(
-                    f"unknown tensorrt option {key!r}; valid ones are " + ", ".join(repr(k) for k in known)
-                )
-        return cls(**dict(options))
+        return cls(**checked_fields(cls, options, "tensorrt option"))
 
     def executed_in_pytorch(self) -> frozenset[str]:
         """Qualified names of the ops kept out of TensorRT: llmopt's, then the user's."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
-from llmopt.config import LLMOptConfigError
+from llmopt.config import LLMOptConfigError, checked_fields
 
 METHODS = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4", "heads", "channels")
@@ -72,13 +71,7 @@ class PruneConfig:
             raise LLMOptConfigError(
                 f"option 'prune' must be None, a dict or a PruneConfig, got {type(options).__name__}"
             )
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in options:
-            if key not in known:
-                raise LLMOptConfigError(
-                    f"unknown prune option {key!r}; valid options are {_quoted(known)}"
-                )
-        return cls(**dict(options))
+        return cls(**checked_fields(cls, options, "prune option"))
 
     @property
     def structured(self) -> bool:

@@ -81,7 +81,7 @@ def test_options_build_tensorrt_settings():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"lower": "tensorrt", "tensorrt": {"precison": "fp16"}}, "unknown tensorrt option 'precison'; valid ones are 'precision'"),
+        ({"lower": "tensorrt", "tensorrt": {"precison": "fp16"}}, "unknown tensorrt option 'precison'; valid options are 'precision'"),
         ({"lower": "tensorrt", "tensorrt": {"precision": "int8"}}, "tensorrt option 'precision' got 'int8'"),
         ({"lower": "tensorrt", "tensorrt": {"min_block_size": 0}}, "'min_block_size' must be an integer >= 1, got 0"),
         ({"lower": "tensorrt", "tensorrt": {"workspace_size": True}}, "'workspace_size' must be an integer >= 0"),
