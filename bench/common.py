@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -64,3 +65,25 @@ def write_record(name: str, record: dict, out: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def decode_workload_parser(description: str, prompt: str, settings, record_name: str,
+                           threads_help: str = "torch threads (default: all cores)") -> argparse.ArgumentParser:
+    """The options bench/decode.py and bench/onnx.py share: one chat prompt, greedy
+    batch-1 decode of a fixed number of tokens, repeated, over named settings."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2", help="model name or local path (default smollm2)")
+    parser.add_argument("--prompt", default=prompt, help="user message (chat-templated)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per run (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
+    parser.add_argument("--settings", nargs="+", choices=settings, default=list(settings),
+                        help="which settings to run (default all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help=threads_help)
+    parser.add_argument("--out", help=f"JSON file to write (default bench/results/{record_name}-<host>-<time>.json)")
+    return parser
+
+
+def check_decode_workload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.max_tokens < 2 or args.repeats < 1:
+        parser.error("--max-tokens must be >= 2 and --repeats >= 1")
+    return args

@@ -32,7 +32,6 @@ compile times are those of a first run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions, write_record  # noqa: E402
+from common import check_decode_workload, decode_workload_parser, machine, versions, write_record  # noqa: E402
 
 SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager",
             "llmopt-bf16", "llmopt-int8", "llmopt-int4", "llama.cpp")
@@ -299,22 +298,10 @@ def _table(results, record) -> str:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", help="model name or local path (default smollm2)")
-    parser.add_argument("--prompt", default=PROMPT, help="user message (chat-templated)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per run (default 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
-                        help="which settings to run (default all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads (default: all cores)")
+    parser = decode_workload_parser(__doc__.split("\n")[0], PROMPT, SETTINGS, "decode")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="reuse Inductor's on-disk cache (default: compile from an empty one)")
-    parser.add_argument("--out", help="JSON file to write (default bench/results/decode-<host>-<time>.json)")
-    args = parser.parse_args(argv)
-    if args.max_tokens < 2 or args.repeats < 1:
-        parser.error("--max-tokens must be >= 2 and --repeats >= 1")
-    return args
+    return check_decode_workload(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ plus session creation for onnxruntime.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import os
@@ -49,6 +48,7 @@ _spec = importlib.util.spec_from_file_location("bench_common", _BENCH / "common.
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 machine, versions, write_record = _common.machine, _common.versions, _common.write_record
+decode_workload_parser, check_decode_workload = _common.decode_workload_parser, _common.check_decode_workload
 
 PROMPT = "Write a short story about a robot who learns to paint."
 INT4 = {"quantize": "int4", "group_size": 32}
@@ -223,21 +223,11 @@ def _table(results, record) -> str:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", help="model name or local path (default smollm2)")
-    parser.add_argument("--prompt", default=PROMPT, help="user message (chat-templated)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per run (default 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
-                        help="which settings to run (default all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch and onnxruntime intra-op threads (default: all cores; on a busy "
-                             "machine 1 avoids threads waiting on each other)")
-    parser.add_argument("--out", help="JSON file to write (default bench/results/onnx-<host>-<time>.json)")
-    args = parser.parse_args(argv)
-    if args.max_tokens < 2 or args.repeats < 1:
-        parser.error("--max-tokens must be >= 2 and --repeats >= 1")
-    return args
+    parser = decode_workload_parser(
+        __doc__.split("\n")[0], PROMPT, SETTINGS, "onnx",
+        threads_help="torch and onnxruntime intra-op threads (default: all cores; on a busy "
+                     "machine 1 avoids threads waiting on each other)")
+    return check_decode_workload(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
