@@ -55,6 +55,7 @@ with ``TRITON_INTERPRET=1`` routes CPU tensors to them too (for tests).
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional
 
@@ -76,10 +77,13 @@ __all__ = [
     "pad_int8_for_cpu",
     "quantize_per_token",
     "to_cpu_int4_layout",
+    "to_cpu_native_int4_layout",
+    "from_cpu_native_int4_layout",
+    "native_int4_available",
     "unpack_int4",
 ]
 
-INT4_LAYOUTS = ("nibble", "cpu_tiled")
+INT4_LAYOUTS = ("nibble", "cpu_tiled", "cpu_native")
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -110,6 +114,68 @@ def to_cpu_int4_layout(packed: Tensor) -> Tensor:
     shifts = torch.tensor([0, 4], dtype=torch.int32, device=packed.device)
     q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 15
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.flatten(-2), 1)
+
+
+NATIVE_TILE = 16  # rows per tile of the "cpu_native" layout (see kernels/native/int4_gemv.c)
+
+
+def _to_tiles(t: Tensor, inner: int) -> Tensor:
+    """``(N, *middle, inner)`` -> flat, tile by tile: each tile of 16 rows (the last one
+    of N % 16) ordered ``(*middle, row, inner)``."""
+    n = t.shape[0]
+    full = n - n % NATIVE_TILE
+    parts = []
+    for start, rows in ((0, NATIVE_TILE), (full, n - full)):
+        stop = full if rows == NATIVE_TILE else n
+        if stop <= start:
+            continue
+        block = t[start:stop].reshape((stop - start) // rows, rows, *t.shape[1:])
+        order = (0, *range(2, t.dim()), 1, t.dim())
+        parts.append(block.permute(order).reshape(-1))
+    return torch.cat(parts)
+
+
+def _from_tiles(flat: Tensor, shape: tuple) -> Tensor:
+    """Inverse of :func:`_to_tiles` for a tensor of ``shape`` ``(N, *middle, inner)``."""
+    n, middle, inner = shape[0], tuple(shape[1:-1]), shape[-1]
+    full = n - n % NATIVE_TILE
+    per_row = flat.numel() // n
+    parts = []
+    for start, rows in ((0, NATIVE_TILE), (full, n - full)):
+        stop = full if rows == NATIVE_TILE else n
+        if stop <= start:
+            continue
+        block = flat[start * per_row: stop * per_row].reshape((stop - start) // rows, *middle, rows, inner)
+        order = (0, len(middle) + 1, *range(1, len(middle) + 1), len(middle) + 2)
+        parts.append(block.permute(order).reshape(stop - start, *middle, inner))
+    return torch.cat(parts)
+
+
+def to_cpu_native_int4_layout(packed: Tensor, scales_zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """Nibble layout + ``(Kp/g, N, 2)`` scales -> the ``"cpu_native"`` layout of the C kernel.
+
+    Same shapes (``(N, Kp/2)`` uint8, ``(Kp/g, N, 2)``), reordered by tiles of 16
+    rows; the scales and zero points are bf16 (the int4 grids are bf16-exact, and
+    the PyTorch kernel takes them in bf16 too). Weight tile order: per block of 32
+    columns, 4 chunks of 8 columns, 4 bytes per row: column ``8c + i`` in the low
+    nibble of byte ``i``, ``8c + 4 + i`` in its high nibble.
+    """
+    n, half_kp = packed.shape
+    q = unpack_int4(packed).reshape(n, half_kp // 16, 4, 2, 4)  # (row, block, chunk, nibble half, i)
+    q = q[..., 0, :] | (q[..., 1, :] << 4)  # (row, block, chunk, 4 bytes)
+    weight = _to_tiles(q.reshape(n, half_kp // 16 * 4, 4), 4).reshape(n, half_kp)
+    sz = scales_zeros.to(torch.bfloat16).transpose(0, 1)  # (N, G, 2)
+    return weight, _to_tiles(sz, 2).reshape(scales_zeros.shape)
+
+
+def from_cpu_native_int4_layout(weight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`to_cpu_native_int4_layout`: nibble layout and ``(Kp/g, N, 2)`` bf16 scales."""
+    n, half_kp = weight.shape
+    b = _from_tiles(weight.reshape(-1), (n, half_kp // 16 * 4, 4)).reshape(n, half_kp // 16, 4, 4)
+    q = torch.stack((b & 15, b >> 4), dim=-2).reshape(n, -1)  # (row, Kp) in k order
+    groups = scales.shape[0]
+    sz = _from_tiles(scales.reshape(-1), (n, groups, 2)).transpose(0, 1).contiguous()
+    return pack_int4(q), sz
 
 
 def dequantize_int8(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
@@ -163,8 +229,7 @@ def _(x, qweight, scales, bias=None):
     return _out_like(x, qweight.shape[0])
 
 
-@torch.library.custom_op("llmopt::linear_int4", mutates_args=())
-def linear_int4(
+def _linear_int4(
     x: Tensor,
     qweight: Tensor,
     scales_zeros: Tensor,
@@ -172,6 +237,8 @@ def linear_int4(
     layout: str = "nibble",
     bias: Optional[Tensor] = None,
 ) -> Tensor:
+    if layout == "cpu_native":
+        return _linear_int4_native(x, qweight, scales_zeros, group_size, bias)
     x2 = _rows(x)
     if layout == "cpu_tiled":
         if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES:
@@ -192,6 +259,77 @@ def linear_int4(
         weight = dequantize_int4(qweight, scales_zeros, group_size, x.dtype)[:, : x2.shape[1]]
         out = x2 @ weight.t()
     return _finish(out, x, bias)
+
+
+linear_int4 = torch.library.custom_op("llmopt::linear_int4", mutates_args=())(_linear_int4)
+# CPU tensors reach the body through the dispatcher directly, not through custom_op's
+# Python wrappers (no-dynamo guard, alias checks, redispatch): those cost ~15 us a call,
+# about twice the kernel of a 576 x 576 decode layer, and a decode step makes 211 calls.
+# The body returns fresh tensors, which is what those checks would verify.
+_CPU_KERNELS = torch.library.Library("llmopt", "IMPL")
+_CPU_KERNELS.impl("linear_int4", _linear_int4, "CPU")
+
+
+def native_int4_available() -> bool:
+    """Whether the ``"cpu_native"`` int4 kernel is built and not switched off
+    (``LLMOPT_INT4_CPU_KERNEL=torch`` selects PyTorch's kernel)."""
+    if os.environ.get("LLMOPT_INT4_CPU_KERNEL", "native") == "torch":
+        return False
+    return _native_int4_fn() is not None
+
+
+_NATIVE_INT4: list = []  # [the C function, or None], filled on first use
+
+
+def _native_int4_fn():
+    if not _NATIVE_INT4:
+        from llmopt.kernels import native
+
+        lib = native.load("int4_gemv")
+        fn = None
+        if lib is not None:
+            fn = lib.llmopt_int4_gemv
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+        _NATIVE_INT4.append(fn)
+    return _NATIVE_INT4[0]
+
+
+def _linear_int4_native(x: Tensor, qweight: Tensor, scales: Tensor, group_size: int,
+                        bias: Optional[Tensor]) -> Tensor:
+    """The ``"cpu_native"`` layout: int8 activations (per block of 32) times int4 weights in C.
+
+    Exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32``) and a missing library
+    dequantize instead (fp32 weights, no activation quantization). Kept lean: this
+    runs 211 times per decoded token of SmolLM2-135M.
+    """
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in CPU_KERNEL_DTYPES:
+        raise ValueError(
+            f"llmopt::linear_int4: layout 'cpu_native' needs CPU inputs in fp32/bf16/fp16, "
+            f"got {dtype} on {x.device}"
+        )
+    if scales.dtype != torch.bfloat16 or not (qweight.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("llmopt::linear_int4: layout 'cpu_native' wants contiguous weights and bf16 scales "
+                         "(made by to_cpu_native_int4_layout)")
+    n, kp, k = qweight.shape[0], qweight.shape[1] * 2, x.shape[-1]
+    fn = _native_int4_fn()
+    if fn is None or (dtype == torch.float32 and cpu_compute_dtype(dtype) == torch.float32):
+        nibbles, scales_zeros = from_cpu_native_int4_layout(qweight, scales)
+        weight = dequantize_int4(nibbles, scales_zeros, group_size, dtype)[:, :k]
+        return _finish(_rows(x) @ weight.t(), x, bias)
+    x2 = x.reshape(-1, k)
+    if dtype == torch.float16:
+        x2 = x2.float()
+    x2 = _pad_columns(x2.contiguous(), kp)
+    out = torch.empty((*x.shape[:-1], n), dtype=x2.dtype)
+    bf16 = int(dtype == torch.bfloat16)
+    if fn(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), x2.shape[0], n, kp, group_size,
+          bf16, bf16) != 0:
+        raise ValueError(f"llmopt::linear_int4: the native kernel rejected K={kp}, group size {group_size}")
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    return out if dtype != torch.float16 else out.to(dtype)
 
 
 @linear_int4.register_fake

@@ -21,7 +21,8 @@ weights. So a converted layer is ``MatMulNBits(x)`` (default zero point) plus
 (n_blocks, N)`` product: exact, and small next to the layer. The nibble
 layout is already ``B``'s (byte ``k // 2``, low nibble even ``k``, whole
 groups along K); weights the CPU kernel repacked (``"cpu_tiled"``) are read
-back through that same kernel. llmopt's int8 (symmetric per row, ``W = q * s``)
+back through that same kernel, and llmopt's C kernel's ``"cpu_native"`` tile
+order is undone by reordering. llmopt's int8 (symmetric per row, ``W = q * s``)
 is 8-bit ``MatMulNBits`` with ``q + 128`` and the default zero point, 128.
 
 The PyTorch implementation dequantizes with that formula, so a converted
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmopt.kernels.quantized_linear import pack_int4, unpack_int4
+from llmopt.kernels.quantized_linear import from_cpu_native_int4_layout, pack_int4, unpack_int4
 
 
 @torch.library.custom_op("llmopt::matmul_nbits", mutates_args=())
@@ -110,6 +111,8 @@ def from_llmopt_int4(qweight: Tensor, scales_zeros: Tensor, group_size: int, lay
                      in_features: int, dtype: torch.dtype) -> NBitsWeight:
     """llmopt's int4 weight (``llmopt::linear_int4`` inputs) -> ``MatMulNBits``, 4 bits."""
     n = qweight.shape[0]
+    if layout == "cpu_native":  # llmopt's own tile order: unpacked by reordering (bf16 scales, exact)
+        qweight, scales_zeros = from_cpu_native_int4_layout(qweight, scales_zeros)
     nibbles = _nibbles_from_cpu_tiled(qweight, scales_zeros.shape[0], group_size) if layout == "cpu_tiled" else qweight
     blocks = scales_zeros.shape[0]
     b = nibbles.reshape(n, blocks, group_size // 2).contiguous()

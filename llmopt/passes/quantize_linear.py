@@ -157,7 +157,7 @@ _PREPARED = WeakIdKeyDictionary()
 
 def _prepare(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
     key = (layer, qconfig.mode, qconfig.group_size, weight.dtype, qlinear.cpu_compute_dtype(weight.dtype),
-           str(weight.device),
+           str(weight.device), qconfig.mode == "int4" and weight.device.type == "cpu" and _native_int4(weight.dtype),
            qlinear.use_triton(weight.device), _saved_key(saved))
     entries = _PREPARED.setdefault(weight, {})
     hit = entries.get(key)
@@ -239,8 +239,12 @@ def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
     if cpu and quantized.mode == "int4":
         # PyTorch's CPU kernel takes its scales in the dtype it computes in (bf16 for fp32 models).
         t["scales_zeros"] = t["scales_zeros"].to(qlinear.cpu_compute_dtype(weight.dtype))
+    if quantized.mode == "int4" and cpu and _native_int4(weight.dtype):
+        # llmopt's C kernel (int8 activations x int4 weights): any N, its own tile order, bf16 scales.
+        qweight, scales = qlinear.to_cpu_native_int4_layout(t["qweight"], quantized.tensors["scales_zeros"])
+        return [qweight, scales, "cpu_native"]
     if quantized.mode == "int4":
-        # The CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
+        # PyTorch's CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
         tiled = cpu and quantized.out_features % 16 == 0 and weight.dtype in qlinear.CPU_KERNEL_DTYPES
         qweight = qlinear.to_cpu_int4_layout(t["qweight"]) if tiled else t["qweight"]
         return [qweight, t["scales_zeros"], "cpu_tiled" if tiled else "nibble"]
@@ -249,6 +253,16 @@ def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
     if quantized.mode == "w8a8":
         return [t["qweight"], t["scales"], t.get("smooth")]
     return [t["qweight"], t["scales"]]
+
+
+def _native_int4(dtype: torch.dtype) -> bool:
+    """Whether CPU int4 layers of a ``dtype`` model get the ``"cpu_native"`` layout: the C
+    kernel is built and not switched off (``LLMOPT_INT4_CPU_KERNEL=torch``), and fp32
+    models are not in exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32`` keeps
+    PyTorch's kernel with fp32 activations and scales)."""
+    if dtype not in qlinear.CPU_KERNEL_DTYPES or qlinear.cpu_compute_dtype(dtype) == torch.float32:
+        return False
+    return qlinear.native_int4_available()
 
 
 def _install(gm: GraphModule, layer: str, inputs: list[Any]) -> list[Any]:

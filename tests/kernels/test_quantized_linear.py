@@ -257,3 +257,208 @@ def test_triton_int4_other_group_sizes(group_size, triton_impl):
 def _on_device(q):
     return type(q)(q.mode, q.in_features, q.out_features, {k: v.to(DEVICE) for k, v in q.tensors.items()},
                    q.group_size)
+
+
+# ---------------------------------------------------------------- the native int4 kernel ("cpu_native")
+
+NATIVE = ql._native_int4_fn() is not None
+needs_native = pytest.mark.skipif(not NATIVE, reason="the C int4 kernel could not be built here")
+NATIVE_CASES = [
+    # (N, K, group_size): N not a multiple of 16 (a partial row tile), K not a multiple of 64
+    # (padded to the group), every group size; 64 x 96: whole tiles only.
+    (33, 70, 32),
+    (48, 200, 64),
+    (20, 300, 128),
+    (7, 600, 256),
+    (64, 96, 32),
+]
+
+
+def _native_args(q):
+    qweight, scales = ql.to_cpu_native_int4_layout(q.tensors["qweight"], q.tensors["scales_zeros"])
+    return qweight, scales, q.group_size, "cpu_native"
+
+
+def _bf16_scales(q):
+    """``q`` with the scales the native layout holds (bf16; the int4 grids are bf16-exact)."""
+    t = dict(q.tensors, scales_zeros=q.tensors["scales_zeros"].to(BF16).float())
+    return type(q)(q.mode, q.in_features, q.out_features, t, q.group_size)
+
+
+def _quantized_activations(x, kp):
+    """fp64 copy of what the kernel multiplies: x zero-padded to ``kp`` columns and rounded
+    to int8 per block of 32 (scale max|x| / 127, round half to even), computed in fp32 as
+    the kernel does, so the int8 values are identical."""
+    m = x.shape[0]
+    blocks = torch.nn.functional.pad(x.float(), (0, kp - x.shape[1])).reshape(m, kp // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    inverse = torch.where(scale > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse).double() * scale.double()).reshape(m, kp)
+
+
+def _native_reference(q, x, bias=None):
+    kp = q.tensors["qweight"].shape[1] * 2
+    weight = ql.dequantize_int4(q.tensors["qweight"], _bf16_scales(q).tensors["scales_zeros"], q.group_size,
+                                torch.float64)
+    out = _quantized_activations(x.reshape(-1, x.shape[-1]), kp) @ weight.t()
+    out = out if bias is None else out + bias.double()
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _activation_error_bound(q, x):
+    """|x @ W.T - xq @ W.T| <= sum over blocks of (half a step: max|x_block| / 254) times
+    sum |W| over the block, per output (rounding to nearest moves each value at most half
+    a step)."""
+    kp = q.tensors["qweight"].shape[1] * 2
+    weight = ql.dequantize_int4(q.tensors["qweight"], _bf16_scales(q).tensors["scales_zeros"], q.group_size,
+                                torch.float64)
+    blocks = torch.nn.functional.pad(x.double(), (0, kp - x.shape[1])).reshape(x.shape[0], kp // 32, 32)
+    half_step = blocks.abs().amax(-1) / 254  # (M, blocks)
+    weight_mass = weight.abs().reshape(weight.shape[0], kp // 32, 32).sum(-1)  # (N, blocks)
+    return half_step @ weight_mass.t()
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 2, 3, 9, 70])  # 9: three passes of 4 rows; 70: prefill-sized
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("n, k, group_size", NATIVE_CASES)
+def test_native_int4_matches_int8_activation_reference(n, k, group_size, dtype, m):
+    """Against fp64 with the kernel's own activation rounding: only fp32 summation order
+    differs (fp32 observed <= 7e-7 relative to 1 + |ref|), plus bf16 output rounding."""
+    q = quantize_weight(_weight(n, k).float(), "int4", group_size)
+    x = _x(m, k, dtype)
+    got = ql.linear_int4(x, *_native_args(q))
+    assert got.shape == (m, n) and got.dtype == dtype
+    ref = _native_reference(q, x)
+    if dtype == F32:
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    else:
+        _assert_close(got, ref, BF16)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, 70])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("n, k, group_size", NATIVE_CASES)
+def test_native_int4_within_activation_rounding_of_float_reference(n, k, group_size, dtype, m):
+    """Against plain dequantize-then-matmul in fp64 (float activations): the difference
+    stays within the int8 activation rounding bound, per output, plus the fp32 / bf16
+    rounding of the result."""
+    q = quantize_weight(_weight(n, k).float(), "int4", group_size)
+    x = _x(m, k, dtype)
+    got = ql.linear_int4(x, *_native_args(q)).double()
+    ref = _reference(_bf16_scales(q), x)
+    bound = _activation_error_bound(q, x)
+    atol, rtol = (1e-5, 1e-5) if dtype == F32 else TOL[BF16]
+    err = (got - ref).abs()
+    assert (err <= bound + atol + rtol * ref.abs()).all()
+    # The bound adds every rounding error with the same sign, 0.05-0.2 on these O(1) outputs;
+    # the errors are independent, so their sum is ~sqrt(K) times smaller in practice.
+    assert bound.max() < 0.3 and err.max() < 0.03
+
+
+@needs_native
+def test_native_int4_zero_row_bias_leading_dims_and_fp16():
+    q = quantize_weight(_weight(40, 100).float(), "int4", 32)
+    x = _x(6, 100, F32)
+    x[2] = 0.0
+    bias = torch.randn(40)
+    args = _native_args(q)
+    got = ql.linear_int4(x.reshape(2, 3, 100), *args, bias)
+    assert got.shape == (2, 3, 40) and got.dtype == F32
+    got = got.reshape(6, 40)
+    assert torch.equal(got[2], bias)  # a zero row quantizes to zeros (scale 0), not NaN
+    torch.testing.assert_close(got.double(), _native_reference(q, x, bias), atol=1e-5, rtol=1e-5)
+    # fp16 inputs run in fp32 and come back in fp16.
+    got16 = ql.linear_int4(x.half(), *args, bias)
+    assert got16.dtype == F16
+    torch.testing.assert_close(got16.double(), _native_reference(q, x.half(), bias), atol=2e-3, rtol=2e-3)
+
+
+@needs_native
+def test_native_int4_same_result_with_two_threads():
+    q = quantize_weight(_weight(100, 200).float(), "int4", 64)
+    x = _x(5, 200, F32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ql.linear_int4(x, *_native_args(q))
+        torch.set_num_threads(2)
+        two = ql.linear_int4(x, *_native_args(q))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # rows are split between threads, sums are not
+
+
+@pytest.mark.parametrize("n, k, group_size", NATIVE_CASES)
+def test_native_layout_roundtrip(n, k, group_size):
+    q = quantize_weight(_weight(n, k).float(), "int4", group_size)
+    qweight, scales = ql.to_cpu_native_int4_layout(q.tensors["qweight"], q.tensors["scales_zeros"])
+    assert qweight.shape == q.tensors["qweight"].shape and scales.shape == q.tensors["scales_zeros"].shape
+    assert scales.dtype == BF16
+    nibbles, scales_zeros = ql.from_cpu_native_int4_layout(qweight, scales)
+    assert torch.equal(nibbles, q.tensors["qweight"])
+    assert torch.equal(scales_zeros, q.tensors["scales_zeros"].to(BF16))
+
+
+def test_native_layout_without_the_library_falls_back(monkeypatch):
+    """No compiler / LLMOPT_NATIVE=0: the op dequantizes (exact fp32), the pass installs
+    PyTorch's layout."""
+    from llmopt.kernels import native
+    from llmopt.passes import quantize_linear
+
+    monkeypatch.setattr(native, "load", lambda name: None)
+    monkeypatch.setattr(ql, "_NATIVE_INT4", [])
+    assert not ql.native_int4_available()
+    q = quantize_weight(_weight(33, 70).float(), "int4", 32)
+    x = _x(3, 70, F32)
+    _assert_close(ql.linear_int4(x, *_native_args(q)), _reference(_bf16_scales(q), x), F32)
+    inputs = quantize_linear._kernel_inputs(q, torch.empty(33, 70))
+    assert inputs[2] == "nibble"  # N % 16 != 0: not PyTorch's tiled kernel either
+    q48 = quantize_weight(_weight(48, 70).float(), "int4", 32)
+    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
+
+
+@needs_native
+def test_pass_chooses_native_layout_unless_switched_off(monkeypatch):
+    from llmopt.passes import quantize_linear
+
+    q = quantize_weight(_weight(33, 70).float(), "int4", 32)
+    assert quantize_linear._kernel_inputs(q, torch.empty(33, 70))[2] == "cpu_native"  # any N
+    assert quantize_linear._kernel_inputs(q, torch.empty(33, 70, dtype=BF16))[2] == "cpu_native"
+    monkeypatch.setenv("LLMOPT_INT4_CPU_KERNEL", "torch")
+    q48 = quantize_weight(_weight(48, 70).float(), "int4", 32)
+    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
+    monkeypatch.delenv("LLMOPT_INT4_CPU_KERNEL")
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")  # exactness mode keeps fp32 scales
+    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
+
+
+@needs_native
+def test_native_layout_in_exactness_mode_is_exact(monkeypatch):
+    """A native-layout weight called with LLMOPT_QUANT_CPU_DTYPE=float32: no activation
+    rounding, fp32 accuracy against the (bf16) scales it holds."""
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+    q = quantize_weight(_weight(33, 70).float(), "int4", 64)
+    x = _x(2, 70, F32)
+    _assert_close(ql.linear_int4(x, *_native_args(q)), _reference(_bf16_scales(q), x), F32)
+
+
+@needs_native
+def test_native_layout_fake_impl_agrees_with_kernel():
+    q = quantize_weight(_weight(33, 70).float(), "int4", 32)
+    x = _x(3, 70, F32).reshape(1, 3, 70)
+    torch.library.opcheck(torch.ops.llmopt.linear_int4.default, (x, *_native_args(q), None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_onnx_conversion_reads_the_native_layout():
+    from llmopt.onnx.matmul_nbits import from_llmopt_int4
+
+    q = quantize_weight(_weight(33, 70).float(), "int4", 32)
+    nibble = from_llmopt_int4(q.tensors["qweight"], q.tensors["scales_zeros"].to(BF16), 32, "nibble", 70, F32)
+    qweight, scales, _, _ = _native_args(q)
+    native = from_llmopt_int4(qweight, scales, 32, "cpu_native", 70, F32)
+    for name in ("b", "scales", "offsets"):
+        assert torch.equal(getattr(native, name), getattr(nibble, name)), name
