@@ -190,7 +190,14 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument("--sparsity", type=_fraction, help="fraction pruned (default 0.5)")
     ev.add_argument("--prune-pattern", choices=("unstructured", "2:4", "heads", "channels"),
                     help="what is pruned (default unstructured); heads/channels shrink the layers")
-    ev.add_argument("--calibration", help="calibration text file for --prune-method wanda")
+    ev.add_argument("--method", choices=("rtn", "mse", "gptq"),
+                    help="int4 rounding: rtn (min..max grids, what compiling does; the default), mse (grids "
+                         "searched for the least error) or gptq (mse grids, then GPTQ); mse and gptq quantize "
+                         "from --calibration before compiling")
+    ev.add_argument("--quantize-skip", nargs="+", metavar="PATTERN", help="layers kept in float, e.g. lm_head")
+    ev.add_argument("--calibration", metavar="FILE",
+                    help="calibration text file for --prune-method wanda and --method gptq/mse (keep it apart "
+                         "from --text)")
     ev.add_argument("--calibration-tokens", type=_positive_int, default=2048,
                     help="calibration tokens used (default 2048)")
     ev.add_argument("--lower", choices=("eager", "inductor"), default="eager",
@@ -303,8 +310,15 @@ def _eval_setting(args):
         default = 0.5 if pattern in ("unstructured", "2:4") else 0.25
         prune = {"method": method, "pattern": pattern,
                  "sparsity": args.sparsity if args.sparsity is not None else default}
+    if args.method is not None and args.quantize != "int4":
+        raise UsageError(f"--method {args.method} is for --quantize int4")
+    if args.method in ("gptq", "mse") and not args.calibration:
+        raise UsageError(f"--method {args.method} needs --calibration FILE (a calibration text, not the scored one)")
+    if args.quantize_skip and not args.quantize:
+        raise UsageError("--quantize-skip needs --quantize")
     return Setting(dtype=args.dtype, prune=prune, quantize=args.quantize, group_size=args.group_size,
-                   compile=True if args.compile else None, lower=args.lower)
+                   compile=True if args.compile else None, lower=args.lower, quantize_method=args.method,
+                   quantize_skip=tuple(args.quantize_skip or ()))
 
 
 def _load(name: str):

@@ -118,3 +118,60 @@ def test_explain_reports_attention(cached_load, capsys):
     assert "attention" in out
     # One rewritten attention per SmolLM2 layer, each listed in the report.
     assert len(re.findall(r"\+ attention at model\.layers\.\d+\.self_attn", out)) == 30
+
+
+# ---------------------------------------------------------------- eval: int4 method and calibration
+
+
+class _ByteTokenizer:
+    """Token ids = the text's bytes (the tiny random Llama has a 256-token vocabulary)."""
+
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": torch.tensor([list(text.encode())])}
+
+
+@pytest.fixture
+def tiny_load(monkeypatch):
+    from llmopt.models import LoadedModel, random_llama
+
+    loaded = LoadedModel(random_llama("gqa", num_layers=2).eval(), _ByteTokenizer())
+    monkeypatch.setattr(llmopt.models, "load", lambda name, dtype=None: loaded)
+    return loaded
+
+
+def test_eval_int4_gptq_from_a_calibration_text(tiny_load, tmp_path, capsys):
+    text, calibration, out = tmp_path / "scored.txt", tmp_path / "calibration.txt", tmp_path / "row.json"
+    text.write_text("To be, or not to be, that is the question. " * 8)
+    calibration.write_text("Full fathom five thy father lies; of his bones are coral made. " * 8)
+    args = ["eval", "--text", str(text), "--context-length", "64", "--stride", "32", "--quantize", "int4",
+            "--group-size", "32", "--quantize-skip", "lm_head", "--calibration", str(calibration),
+            "--calibration-tokens", "200", "--json", str(out)]
+    assert main([*args, "--method", "gptq"]) == 0
+    assert "| fp32 int4 g32 gptq (float: lm_head) |" in capsys.readouterr().out
+    import json
+
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["quantize_method"] == "gptq" and row["quantize_skip"] == ["lm_head"]
+    assert row["quantize_seconds"] is not None and row["perplexity"] > 1
+    assert main([*args, "--method", "rtn"]) == 0  # rtn quantizes while compiling, calibration unused
+    assert json.loads(out.read_text())["rows"][0]["quantize_seconds"] is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int4", "--method", "gptq"], "--method gptq needs --calibration FILE"),
+    (["--quantize", "int4", "--method", "mse"], "--method mse needs --calibration FILE"),
+    (["--quantize", "int8", "--method", "gptq", "--calibration", "c.txt"], "--method gptq is for --quantize int4"),
+    (["--method", "rtn"], "--method rtn is for --quantize int4"),
+    (["--quantize", "int4", "--method", "awq"], "--method: invalid choice"),
+    (["--quantize-skip", "lm_head"], "--quantize-skip needs --quantize"),
+])
+def test_eval_int4_method_errors_exit_2(tmp_path, args, message, capsys):
+    text = tmp_path / "scored.txt"
+    text.write_text("some text to score")
+    try:
+        code = main(["eval", "--text", str(text), *args])
+    except SystemExit as exited:  # argparse errors
+        code = exited.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
