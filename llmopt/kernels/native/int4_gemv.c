@@ -253,7 +253,8 @@ static inline __attribute__((always_inline)) void tile_dispatch(const uint8_t *w
  * out: (m, n) fp32 or bf16 (out_bf16). Returns 0, or -1 for shapes it cannot take. */
 int llmopt_int4_gemv(const void *x, const uint8_t *weight, const uint16_t *scales, void *out, int64_t m,
                      int64_t n, int64_t kp, int64_t group, int x_bf16, int out_bf16) {
-    if (m < 1 || n < 1 || kp < 32 || group < 32 || group % 32 != 0 || kp % group != 0) return -1;
+    if (m < 0 || n < 1 || kp < 32 || group < 32 || group % 32 != 0 || kp % group != 0) return -1;
+    if (m == 0) return 0;
     const int64_t nb = kp / 32, groups = kp / group, bpg = group / 32;
     int8_t *qa = (int8_t *)malloc((size_t)(m * kp));
     float *s = (float *)malloc(sizeof(float) * (size_t)(m * nb));
