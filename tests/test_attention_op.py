@@ -95,3 +95,90 @@ def test_attention_dropout_drops_the_stated_fraction():
         torch.tensor(5), (1, 2, 64, 64), 0.25, "cpu")
     # 8192 Bernoulli(0.75) draws: std of the mean is 0.0048; 0.02 is > 4 sigma.
     assert abs(keep.float().mean().item() - 0.75) < 0.02
+
+
+# ---------------------------------------------------------------- native few-row kernel
+# Decode-sized CPU calls (group * Lq <= 64 query rows per kv head, fp32/bf16) run in
+# kernels/native/dense_attention.c. fp32 tolerance: fp32 accumulation over <= 300
+# keys of O(1) terms with an exp polynomial of relative error < 1e-8 gives errors
+# ~1e-6; 2e-5 catches any wrong key, mask entry or head mapping (errors of O(0.1)).
+from llmopt.kernels import attention as attention_module  # noqa: E402
+
+
+def _native_or_skip(q, k, v, mask, causal_offset):
+    result = attention_module._native_rows_attention(q, k, v, mask, causal_offset, None)
+    if result is None:
+        pytest.skip("the native attention kernel could not be built here (no C compiler?)")
+    return result
+
+
+@pytest.mark.parametrize("shape", [
+    # batch, q_heads, kv_heads, q_len, k_len, head_dim: GQA decode (SmolLM2), MQA with a
+    # 32-query group, MHA appends; lengths around the 64-key chunk; odd head dims.
+    (1, 9, 3, 1, 256, 64), (2, 32, 1, 1, 65, 128), (3, 4, 4, 3, 63, 24),
+    (1, 8, 2, 4, 1, 72), (2, 6, 3, 2, 300, 80), (1, 16, 16, 1, 129, 256),
+])
+@pytest.mark.parametrize("mask_kind", [None, "bool_keys", "additive", "finfo_min", "causal"])
+def test_native_rows_attention_fp32(shape, mask_kind):
+    batch, q_heads, kv_heads, q_len, k_len, head_dim = shape
+    q, k, v = (t.detach() for t in _inputs(batch, q_heads, kv_heads, q_len, k_len, head_dim, torch.float32))
+    mask, causal_offset = None, None
+    if mask_kind == "causal":
+        causal_offset = k_len - q_len
+    elif mask_kind == "finfo_min":  # Hugging Face's static-cache style: unused slots get the dtype's min
+        mask = torch.zeros(batch, 1, q_len, k_len)
+        mask[..., (k_len + 1) // 2:] = torch.finfo(torch.float32).min
+    elif mask_kind is not None:
+        mask = _mask(mask_kind, batch, q_len, k_len)
+        mask = mask.float() if mask.dtype == torch.float64 else mask
+    out, lse = _native_or_skip(q, k, v, mask, causal_offset)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(),
+                                           mask.double() if mask is not None and mask.is_floating_point() else mask,
+                                           causal_offset, None)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
+
+
+def test_native_rows_attention_strided_inputs_and_hidden_rows():
+    # (B, L, H, D) tensors seen as (B, H, L, D), keys broadcast over the batch with
+    # stride 0, and a row that sees no key (out 0, lse -inf, as the op's contract says).
+    base_q = torch.randn(2, 1, 6, 40)
+    base_k = torch.randn(1, 50, 2, 40).expand(2, 50, 2, 40)
+    base_v = torch.randn(1, 50, 2, 40).expand(2, 50, 2, 40)
+    q, k, v = (t.transpose(1, 2) for t in (base_q, base_k, base_v))
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[1] = False
+    out, lse = _native_or_skip(q, k, v, mask, None)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), mask, None, None)
+    torch.testing.assert_close(out[0].double(), ref_out[0], atol=2e-5, rtol=0)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isinf(lse[1]).all() and (lse[1] < 0).all()
+
+
+def test_native_rows_attention_bf16():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in _inputs(2, 9, 3, 1, 200, 64, torch.float32))
+    out, lse = _native_or_skip(q, k, v, None, None)
+    assert out.dtype == torch.bfloat16
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), None, None, None)
+    # The inputs are exact in fp64; fp32 accumulation, then one bf16 rounding of
+    # outputs of size < 1 (half an ulp: 2^-9).
+    torch.testing.assert_close(out.double(), ref_out, atol=4e-3, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
+
+
+def test_op_uses_native_rows_for_decode_and_flash_otherwise(monkeypatch):
+    calls = []
+    original = attention_module._native_rows_attention
+    monkeypatch.setattr(attention_module, "_native_rows_attention",
+                        lambda *a: calls.append(a[0].shape) or original(*a))
+    q, k, v = (t.detach() for t in _inputs(1, 9, 3, 1, 40, 64, torch.float32))
+    decode, _ = torch.ops.llmopt.attention(q, k, v, None, 39, None)
+    assert calls == [q.shape]
+    monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "torch")
+    flash, _ = torch.ops.llmopt.attention(q, k, v, None, 39, None)
+    torch.testing.assert_close(decode, flash, atol=2e-6, rtol=0)
+    assert attention_module._native_rows_attention(q, k, v, None, 39, None) is None  # switched off
+    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL")
+    q65 = torch.randn(1, 9, 22, 64)  # 3 * 22 = 66 rows per kv head: past the kernel's 64
+    assert attention_module._native_rows_attention(q65, k, v, None, 18, None) is None
+    assert attention_module._native_rows_attention(q.double(), k.double(), v.double(), None, 39, None) is None

@@ -21,12 +21,16 @@ Semantics (the contract every implementation keeps):
 
 The CPU implementation is PyTorch's fused CPU flash-attention kernel; GQA is
 handled by folding the query heads of a group into the query-length axis, so
-each key/value head is read once for its whole group. On CUDA the Triton
+each key/value head is read once for its whole group. Decode-sized calls (at
+most 64 query rows per key/value head, fp32 or bf16) run in a small C kernel
+instead (``native/dense_attention.c``), which reads K/V and the mask in place
+with their strides; the flash kernel's set-up cost dominates at those sizes. On CUDA the Triton
 kernels of :mod:`llmopt.kernels.triton_flash` run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from typing import Optional
@@ -276,6 +280,9 @@ def _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len):
 
 
 def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
+    native = _native_rows_attention(q, k, v, attn_mask, causal_offset, scale)
+    if native is not None:
+        return native
     layout = _CpuLayout(q, k, attn_mask, causal_offset, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         layout.rows_in(q), layout.keys_in(k), layout.keys_in(v), 0.0, layout.is_causal,
@@ -283,6 +290,51 @@ def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
     )
     q_len = q.shape[2]
     return layout.rows_out(out, q_len), layout.rows_out(lse, q_len)
+
+
+# Query rows per (batch, kv head) the native kernel takes (group * Lq), and its head-dim cap.
+_NATIVE_MAX_ROWS, _NATIVE_MAX_HEAD_DIM = 64, 256
+_NATIVE_FUNCTIONS = {torch.float32: "dense_attention_f32", torch.bfloat16: "dense_attention_bf16"}
+
+
+def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
+    """Decode-sized calls (a few query rows) in ``native/dense_attention.c``, or None.
+
+    PyTorch's CPU flash kernel spends ~80 us a call on set-up at these sizes (one
+    query row against a few hundred cached keys), 30 calls per decoded token;
+    the native kernel reads K/V in place with strides and the mask as a strided
+    broadcast. Larger calls (prefill), fp16/fp64 and ``LLMOPT_ATTENTION_IMPL=torch``
+    keep the flash kernel.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if (q.dtype not in _NATIVE_FUNCTIONS or k.dtype != q.dtype or v.dtype != q.dtype
+            or (q_heads // kv_heads) * q_len > _NATIVE_MAX_ROWS or head_dim > _NATIVE_MAX_HEAD_DIM
+            or k_len == 0 or os.environ.get("LLMOPT_ATTENTION_IMPL") == "torch"):
+        return None
+    from llmopt.kernels import native
+
+    lib = native.load("dense_attention")
+    if lib is None:
+        return None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, torch.float32, q.device)
+    if mask is not None:
+        mask = mask.expand(batch, q_heads, q_len, k_len)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    out = q.new_empty((batch, q_heads, q_len, head_dim))
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
+    mask_strides = (ctypes.c_int64 * 3)(*(mask.stride()[:3] if mask is not None else (0, 0, 0)))
+    ptr = ctypes.c_void_p
+    status = getattr(lib, _NATIVE_FUNCTIONS[q.dtype])(
+        ptr(q.data_ptr()), ptr(k.data_ptr()), ptr(v.data_ptr()),
+        ptr(mask.data_ptr() if mask is not None else 0), ptr(out.data_ptr()), ptr(lse.data_ptr()),
+        *(ctypes.c_int64(n) for n in (batch, q_heads, kv_heads, q_len, k_len, head_dim)),
+        *strides, mask_strides, ctypes.c_float(scale))
+    return (out, lse) if status == 0 else None
 
 
 def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale):

@@ -43,14 +43,15 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
     return (uint16_t)(bits >> 16);
 }
 
-/* exp for x <= 0 (scores minus their running max), vectorizable: 2^(x log2 e) as
+/* exp for x <= 0 (scores minus their running max), vectorizable (rintf, not
+ * roundf: GCC vectorizes the former and calls libm for the latter): 2^(x log2 e) as
  * 2^n * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (relative error < 1e-8,
  * below fp32's rounding). x below -87 gives ~1e-38 instead of 0: the weight of such
  * a token is already below what fp32 accumulation can see. NaN propagates. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.f ? -87.f : x;
     const float y = x * 1.44269504088896341f;
-    const float n = __builtin_roundf(y);
+    const float n = __builtin_rintf(y);
     const float f = (y - n) * 0.69314718055994531f;
     float p = 1.f / 5040.f;
     p = p * f + 1.f / 720.f;
