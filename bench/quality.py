@@ -4,7 +4,8 @@ Perplexity on a text (default ../shared/data/text/macbeth.txt) with fixed
 windows (context 512, stride 256: each token scored once), capped to the
 first --max-tokens tokens. The calibration text (Wanda, GPTQ, SmoothQuant)
 is another file (default tempest.txt), so the scored text is never seen
-during calibration. Quantized settings run only where the backend accepts the
+during calibration. Extra rows "int4 g128 gptq+tuneN" quantize from the
+whole calibration text and then tune the grids (--tune-steps). Quantized settings run only where the backend accepts the
 option, through the real kernels (compiled, eager lowering). int4 rows: "rtn"
 is what ``quantize="int4"`` does while compiling; "gptq" quantizes first from
 the calibration text. Pruning has no quality target yet: the numbers are
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
 import sys
@@ -45,6 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--calibration", default=str(TEXTS / "tempest.txt"),
                    help="calibration text (Wanda, GPTQ, SmoothQuant)")
     p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--tune-steps", type=int, nargs="*", default=[48],
+                   help="extra rows int4 g128 gptq+tune (float: lm_head), one per value: GPTQ, then the grids "
+                        "trained for this many calibration windows against the float model's outputs "
+                        "(llmopt/quantization/tune.py); none: no such row")
+    p.add_argument("--tune-calibration-tokens", type=int, default=None,
+                   help="calibration tokens of that row, GPTQ's Hessians included (default: the whole "
+                        "calibration text; tuning sees each window once)")
     p.add_argument("--context-length", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4096)
@@ -98,6 +107,28 @@ def _quantize_settings(mode: str) -> list[quality.Setting]:
     return rows
 
 
+TUNED = quality.Setting(quantize="int4", group_size=128, quantize_method="gptq", quantize_skip=("lm_head",))
+
+
+def _evaluate_tuned(model, tokens, args, calibration, steps: int) -> dict:
+    """The g128 GPTQ row again, from more calibration text, with its grids tuned (same format: int4 g128)."""
+    from llmopt.quantization import config
+
+    default, config.DEFAULT_TUNE_STEPS = config.DEFAULT_TUNE_STEPS, steps
+    try:
+        row = quality.evaluate(model, tokens, TUNED, args.context_length, args.stride, calibration)
+    finally:
+        config.DEFAULT_TUNE_STEPS = default
+    row["setting"] = _tuned_label(steps)
+    row["tune_steps"] = steps
+    row["calibration_tokens"] = len(calibration)
+    return row
+
+
+def _tuned_label(steps: int) -> str:
+    return TUNED.label.replace(" gptq ", f" gptq+tune{steps} ")
+
+
 def _accepted(mode: str) -> bool:
     try:
         LLMOptConfig.from_options({"quantize": mode})
@@ -117,18 +148,27 @@ def main(argv=None) -> int:
     tokens = quality.tokenize(tokenizer, quality.read_text(args.text))
     total_tokens = len(tokens)
     tokens = tokens[: args.max_tokens]
-    calibration = quality.tokenize(tokenizer, quality.read_text(args.calibration))[: args.calibration_tokens]
+    calibration_text = quality.tokenize(tokenizer, quality.read_text(args.calibration))
+    calibration = calibration_text[: args.calibration_tokens]
+    tune_calibration = calibration_text[: args.tune_calibration_tokens]
+    jobs = settings(args)
+    if (not args.only or "quantize" in args.only) and _accepted("int4"):
+        jobs += [("quantize", steps) for steps in args.tune_steps if steps]  # an int: a tuned g128 row
     rows = []
-    for family, setting in settings(args):
-        print(f"== {setting.label}", file=sys.stderr, flush=True)
+    for family, setting in jobs:
+        label = _tuned_label(setting) if isinstance(setting, int) else setting.label
+        print(f"== {label}", file=sys.stderr, flush=True)
         # Every setting compiles the same forward again: start from a clean Dynamo
         # cache, or the recompile limit would quietly run later settings eagerly.
         torch._dynamo.reset()
         try:
-            row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration)
+            if isinstance(setting, int):
+                row = _evaluate_tuned(model, tokens, args, tune_calibration, setting)
+            else:
+                row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration)
         except Exception as error:  # noqa: BLE001 - one failed setting must not lose the table
             print(f"   failed: {type(error).__name__}: {error}", file=sys.stderr)
-            rows.append({"setting": setting.label, "family": family, "error": f"{type(error).__name__}: {error}"})
+            rows.append({"setting": label, "family": family, "error": f"{type(error).__name__}: {error}"})
             continue
         row["family"] = family
         rows.append(row)
@@ -147,6 +187,12 @@ def main(argv=None) -> int:
         "scored_prefix_tokens": len(tokens),
         "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens "
                        f"(Wanda, GPTQ, SmoothQuant; windows of {args.context_length})",
+        "tuned_rows": f"int4 g128 gptq+tuneN: GPTQ from the first {len(tune_calibration)} calibration tokens "
+                      f"(windows of {args.context_length}), then N steps (one window each, cycling) training the "
+                      f"grids against the float model's next-token distributions (KL); levels kept, grids "
+                      f"bf16-exact; pure int4 g128 like the gptq row (lm_head float)",
+        "int4_cpu_kernel": "PyTorch's _weight_int4pack_mm (LLMOPT_NATIVE=0)" if os.environ.get("LLMOPT_NATIVE") == "0"
+                           else "llmopt's native kernel (int8 activations) where it builds, else PyTorch's",
         "context_length": args.context_length,
         "stride": args.stride,
         "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling "

@@ -256,3 +256,88 @@ def test_quality_settings_quantize_from_calibration_before_compiling():
     assert row["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
     with pytest.raises(ValueError, match="needs calibration tokens"):
         quality.evaluate(model, tokens, setting, context_length=32, stride=16)
+
+
+# ---------------------------------------------------------------- grid refit, true-sequential GPTQ, tuning
+
+
+def test_hessian_refit_never_increases_the_output_error_and_keeps_bf16_grids():
+    w = int4.pad_to_groups(_weight_with_outliers(n=48, k=200, seed=30), 64)  # 4 groups, the last padded
+    x = _correlated_inputs(k=200, seed=31)
+    hessian = x.t() @ x
+    groups = w.reshape(48, -1, 64)
+    scales, lows = int4.search_grid(groups, torch.nn.functional.pad(torch.diagonal(hessian), (0, 56)).reshape(-1, 64))
+    levels = int4.gptq(w, hessian, scales, lows, 64)
+    new_scales, new_lows = int4.refit_grids(w, hessian, levels, scales, lows, 64)
+
+    def error(s, l):
+        deq = (levels.reshape(48, -1, 64) * s[..., None] + l[..., None]).reshape(48, -1)
+        return int4.output_error(w[:, :200], deq[:, :200], hessian)
+
+    before, after = error(scales, lows), error(new_scales, new_lows)
+    assert (after <= before).all() and after.sum() < 0.99 * before.sum()
+    assert torch.equal(new_scales, new_scales.bfloat16().float())
+    zeros = int4.zero_points(new_scales, new_lows)
+    assert torch.equal(zeros, zeros.bfloat16().float())
+
+
+def test_sequential_gptq_rounds_later_layers_on_the_rounded_earlier_ones():
+    model = random_llama(heads="gqa", num_layers=2)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    batches = token_batches(torch.randint(0, 256, (160,), generator=_generator(40)), 40)
+    plain = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=batches)
+    sequential = quantize_weights(model, QuantConfig("int4", group_size=32, sequential=True), calibration=batches)
+    assert set(sequential.layers) == set(plain.layers)
+
+    def same(name):
+        return all(torch.equal(sequential.layers[name].tensors[k], t) for k, t in plain.layers[name].tensors.items())
+
+    # The first layers see the float model's inputs either way; the ones after them do not.
+    assert same("model.layers.0.self_attn.q_proj") and same("model.layers.0.self_attn.v_proj")
+    assert not same("model.layers.0.self_attn.o_proj") and not same("model.layers.1.mlp.down_proj")
+    assert not same("lm_head")
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())  # weights restored
+
+
+def _kl_to_float(model, weights, batches):
+    """Mean per-token KL(float || quantized) with the quantized layers' dequantized weights."""
+    swapped = {f"{name}.weight": layer.dequantize() for name, layer in weights.layers.items()}
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            p = torch.log_softmax(model(batch).logits, -1)
+            q = torch.log_softmax(torch.func.functional_call(model, swapped, (batch,), tie_weights=False).logits, -1)
+            total += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean())
+    return total / len(batches)
+
+
+def test_tuned_grids_bring_the_model_closer_to_float_and_keep_the_levels(monkeypatch):
+    from llmopt.quantization import tune
+
+    model = random_llama(heads="gqa", num_layers=2)
+    before = {name: (p.clone(), p.requires_grad) for name, p in model.named_parameters()}
+    batches = token_batches(torch.randint(0, 256, (128,), generator=_generator(50)), 64)
+    gptq = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=batches)
+    monkeypatch.setattr(tune, "LEARNING_RATE", 3e-3)  # a random model is far from its grids' optimum
+    from llmopt.quantization import config as config_module
+
+    monkeypatch.setattr(config_module, "DEFAULT_TUNE_STEPS", 30)  # what a benchmark run may set
+    tuned = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=batches)
+    assert QuantConfig("int4").tune_steps == 30
+    assert _kl_to_float(model, tuned, batches) < 0.8 * _kl_to_float(model, gptq, batches)
+    for name, layer in tuned.layers.items():
+        assert torch.equal(layer.tensors["qweight"], gptq.layers[name].tensors["qweight"])  # same levels
+        sz = layer.tensors["scales_zeros"]
+        assert torch.equal(sz, sz.bfloat16().float())  # scales and zero points still bf16-exact
+    # The model (its tied embedding and lm_head included) is untouched, with no gradients left on it.
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name][0], p) and p.requires_grad == before[name][1] and p.grad is None
+
+
+def test_tune_steps_are_checked():
+    with pytest.raises(llmopt.LLMOptConfigError, match="tune_steps must be an integer >= 0"):
+        QuantConfig("int4", tune_steps=-1)
+    with pytest.raises(llmopt.LLMOptConfigError, match="tune_steps tunes int4 grids"):
+        QuantConfig("int8", tune_steps=5)
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        quantize_weights(random_llama(num_layers=1), QuantConfig("int4", group_size=32, tune_steps=2))

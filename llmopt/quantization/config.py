@@ -18,6 +18,8 @@ MODES = ("int8", "int4", "fp8", "w8a8")
 METHODS = ("rtn", "mse", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
 REGEX_PREFIX = "re:"
+# QuantConfig.tune_steps when not given (a benchmark may set it for a run).
+DEFAULT_TUNE_STEPS = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,13 @@ class QuantConfig:
             compensation; needs calibration). None (default): ``"gptq"`` when
             calibration batches are given, else ``"rtn"``. The 8-bit modes
             only round to nearest (None or ``"rtn"``).
+        sequential: GPTQ one group of layers at a time, each from the inputs
+            that the layers already rounded make (``"true sequential"``;
+            slower, slightly better on SmolLM2).
+        tune_steps: after rounding, train the int4 grids (the levels kept) for
+            this many calibration windows so that the quantized model's
+            next-token distributions match the float one's
+            (:mod:`llmopt.quantization.tune`); 0 (default) does not.
     """
 
     mode: str
@@ -50,6 +59,8 @@ class QuantConfig:
     skip: tuple[str, ...] = field(default_factory=tuple)
     smoothquant_alpha: float = 0.5
     method: Optional[str] = None
+    sequential: bool = False
+    tune_steps: int = field(default_factory=lambda: DEFAULT_TUNE_STEPS)
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -62,6 +73,11 @@ class QuantConfig:
             raise LLMOptConfigError(
                 f"quantization method {self.method!r}; valid choices are None, {', '.join(repr(m) for m in METHODS)}"
             )
+        steps = self.tune_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise LLMOptConfigError(f"tune_steps must be an integer >= 0, got {steps!r}")
+        if steps and self.mode != "int4":
+            raise LLMOptConfigError(f"tune_steps tunes int4 grids; {self.mode} has none")
         if self.method not in (None, "rtn") and self.mode != "int4":
             raise LLMOptConfigError(f"quantization method {self.method!r} is for int4; {self.mode} rounds to nearest")
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from llmopt.kernels.quantized_linear import dequantize_fp8, dequantize_int4, dequantize_int8, pack_int4
 from llmopt.quantization import int4
-from llmopt.quantization.calibration import LayerStatistics, collect_statistics
+from llmopt.quantization.calibration import (BlockInputs, LayerStatistics, UnsupportedBlocks, collect_statistics,
+                                             find_blocks)
 from llmopt.quantization.config import QuantConfig
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -109,7 +110,8 @@ def _asymmetric_int4(w: Tensor, group_size: int, method: str, hessian: Optional[
     else:
         scales, lows = int4.search_grid(groups, _importance(hessian, k, kp).reshape(-1, group_size))
     if method == "gptq":
-        levels = int4.gptq(padded, hessian.to(w.device), scales, lows, group_size)
+        hessian = hessian.to(w.device)
+        levels = int4.gptq(padded, hessian, scales, lows, group_size)
     else:
         levels = int4.round_to_grid(groups, scales[..., None], lows[..., None]).reshape(n, kp)
     # (q - 8) * scale + zero == q * scale + low: PyTorch's int4 convention (see the kernels' docs).
@@ -179,10 +181,21 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
                if isinstance(m, nn.Linear) and not config.skip_pattern(name)}
     stats = None
     if calibration is not None:
+        calibration = list(calibration)
+    if config.mode == "int4" and method == "gptq" and config.sequential:
+        layers = _quantize_int4_sequential(model, linears, config.group_size, calibration)
+    elif calibration is not None:
         stats = collect_statistics(model, calibration, hessians=config.mode == "int4",
                                    absmax=config.mode == "w8a8", layers=set(linears))
     if config.mode == "int4":
-        layers = _quantize_int4_layers(linears, config.group_size, method, stats)
+        if stats is not None or calibration is None:
+            layers = _quantize_int4_layers(linears, config.group_size, method, stats)
+        if config.tune_steps:
+            if calibration is None:
+                raise ValueError("tune_steps: tuning int4 grids needs calibration batches")
+            from llmopt.quantization.tune import tune_grids
+
+            layers = tune_grids(model, layers, calibration, config.tune_steps)
     else:
         layers = {}
         for name, module in linears.items():
@@ -213,6 +226,60 @@ def _quantize_int4_layers(linears: dict[str, nn.Linear], group_size: int, method
         stacked = quantize_weight(weight, "int4", group_size, method=method, hessian=hessian)
         layers.update(zip(names, _split_rows(stacked, [linears[n].out_features for n in names])))
     return {name: layers[name] for name in linears}  # in the model's order
+
+
+def _quantize_int4_sequential(model: nn.Module, linears: dict[str, nn.Linear], group_size: int,
+                              calibration: list[Any]) -> dict[str, QuantizedLinear]:
+    """GPTQ one Hessian group at a time, each from the inputs the layers quantized before it make.
+
+    Decoder blocks run one at a time on cached hidden states
+    (:class:`~llmopt.quantization.calibration.BlockInputs`); inside a block, the
+    layers sharing an input are quantized in the order they run, and the block
+    runs again after each group so that the next one sees the rounded weights.
+    Layers outside the blocks (an lm_head) get their Hessians from one pass of
+    the whole model with the blocks' weights rounded. The model's weights are
+    restored before returning. Falls back to one pass of float statistics when
+    the blocks cannot be run alone.
+    """
+    blocks = find_blocks(model, set(linears))
+    originals: dict[str, Tensor] = {}
+    layers: dict[str, QuantizedLinear] = {}
+
+    def install(name: str) -> None:
+        module = linears[name]
+        originals.setdefault(name, module.weight.data)
+        module.weight.data = layers[name].dequantize(module.weight.dtype).to(module.weight.device)
+
+    try:
+        inputs = BlockInputs(model, blocks, calibration) if blocks else None
+    except UnsupportedBlocks:
+        inputs = None
+    try:
+        if inputs is not None:
+            for index, (path, _) in enumerate(blocks):
+                prefix = path + "."
+                pending = [name[len(prefix):] for name in linears if name.startswith(prefix)]
+                while pending:
+                    stats = inputs.collect(index, set(pending))
+                    owner = next(iter(stats.hessians))  # the first group to run
+                    names = [n for n in pending if stats.hessian_owner.get(n) == owner]
+                    stats.hessian_owner = {prefix + n: prefix + o for n, o in stats.hessian_owner.items()}
+                    stats.hessians = {prefix + owner: stats.hessians[owner]}
+                    group = {prefix + n: linears[prefix + n] for n in names}
+                    layers.update(_quantize_int4_layers(group, group_size, "gptq", stats))
+                    for name in group:
+                        install(name)
+                    pending = [n for n in pending if n not in names]
+                if index + 1 < len(blocks):
+                    inputs.advance(index)
+        rest = {name: module for name, module in linears.items() if name not in layers}
+        if rest:
+            stats = collect_statistics(model, calibration, hessians=True, absmax=False, layers=set(rest))
+            layers.update(_quantize_int4_layers(rest, group_size, "gptq", stats))
+    finally:
+        for name, weight in originals.items():
+            linears[name].weight.data = weight
+    return {name: layers[name] for name in linears}
 
 
 def _split_rows(layer: QuantizedLinear, sizes: list[int]) -> list[QuantizedLinear]:
