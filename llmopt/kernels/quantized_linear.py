@@ -81,6 +81,8 @@ with ``TRITON_INTERPRET=1`` routes CPU tensors to them too (for tests).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import os
 from typing import Optional
@@ -92,6 +94,7 @@ from torch import Tensor
 __all__ = [
     "INT4_LAYOUTS",
     "cpu_compute_dtype",
+    "exact_cpu_arithmetic",
     "dequantize_fp8",
     "dequantize_int4",
     "dequantize_int8",
@@ -422,6 +425,21 @@ def _int8_matmul(xq: Tensor, qweight: Tensor) -> Tensor:
     return (xq.double() @ qweight.double().t()).to(torch.int32)
 
 
+_EXACT_CPU = contextvars.ContextVar("llmopt_exact_quantized_cpu", default=False)
+
+
+@contextlib.contextmanager
+def exact_cpu_arithmetic():
+    """Within this block, fp32 models' quantized layers are installed and run in fp32
+    on CPU (fp32 scales, no bf16 or int8 activations), as ``LLMOPT_QUANT_CPU_DTYPE=float32``
+    does for the whole process. The ONNX export uses it: ONNX Runtime computes in fp32."""
+    token = _EXACT_CPU.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_CPU.reset(token)
+
+
 def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation dtype PyTorch's packed CPU int8/int4 kernels run in for ``dtype`` inputs.
 
@@ -429,9 +447,10 @@ def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     (int4) slower than their bf16 paths at decode shapes on an AVX-512 CPU (576 x 1536,
     one row: int4 2.0 ms fp32 vs 0.05 ms bf16), and a weight-only quantized layer has
     already traded more precision than bf16 rounding of its input costs.
-    ``LLMOPT_QUANT_CPU_DTYPE=float32`` keeps fp32 (for exactness checks).
+    ``LLMOPT_QUANT_CPU_DTYPE=float32`` or :func:`exact_cpu_arithmetic` keep fp32.
     """
-    if dtype == torch.float32 and os.environ.get("LLMOPT_QUANT_CPU_DTYPE", "bfloat16") != "float32":
+    if (dtype == torch.float32 and not _EXACT_CPU.get()
+            and os.environ.get("LLMOPT_QUANT_CPU_DTYPE", "bfloat16") != "float32"):
         return torch.bfloat16
     return dtype
 

@@ -10,8 +10,6 @@ and the rewritten graph module is kept.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from llmopt.config import LLMOptConfig
+from llmopt.kernels import quantized_linear as qlinear
 from llmopt.onnx.errors import OnnxExportError
 from llmopt.passes.graph_utils import placeholder_sources
 from llmopt.rewriter.backend import llmopt_backend
@@ -29,7 +28,6 @@ from llmopt.rewriter.report import Report
 EXAMPLE_BATCH = 2
 EXAMPLE_TOKENS = 5
 INPUT_NAMES = ("input_ids", "position_ids")
-_CPU_DTYPE_VARIABLE = "LLMOPT_QUANT_CPU_DTYPE"  # see kernels/quantized_linear.cpu_compute_dtype
 
 
 @dataclass
@@ -72,7 +70,9 @@ def capture(model: torch.nn.Module, config: LLMOptConfig, vocab_size: int) -> Ca
 
     torch._dynamo.reset()
     try:
-        with _float32_quantized_weights():
+        # The quantize pass then installs fp32 scales (not the bf16 ones of llmopt's
+        # CPU kernels): ONNX Runtime computes in fp32.
+        with qlinear.exact_cpu_arithmetic():
             logits = _trace(model, backend, inputs)
     except Exception as error:  # noqa: BLE001 - Dynamo's many error types; say what export needs
         raise OnnxExportError(
@@ -99,26 +99,6 @@ def _trace(model, backend, inputs) -> torch.Tensor:
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         return model_logits(compiled, inputs["input_ids"], inputs["position_ids"])
-
-
-@contextlib.contextmanager
-def _float32_quantized_weights():
-    """Have the quantize pass install fp32 scales for fp32 models.
-
-    On CPU, llmopt runs fp32 models' int4 layers in bf16 and installs their
-    scales and zeros rounded to bf16 for that kernel; the export converts the
-    installed tensors, and ONNX Runtime computes in fp32, so it asks for the
-    fp32 form that ``LLMOPT_QUANT_CPU_DTYPE=float32`` gives.
-    """
-    previous = os.environ.get(_CPU_DTYPE_VARIABLE)
-    os.environ[_CPU_DTYPE_VARIABLE] = "float32"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[_CPU_DTYPE_VARIABLE]
-        else:
-            os.environ[_CPU_DTYPE_VARIABLE] = previous
 
 
 def _example_inputs(vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -462,3 +462,20 @@ def test_onnx_conversion_reads_the_native_layout():
     native = from_llmopt_int4(qweight, scales, 32, "cpu_native", 70, F32)
     for name in ("b", "scales", "offsets"):
         assert torch.equal(getattr(native, name), getattr(nibble, name)), name
+
+
+def test_exact_cpu_arithmetic_is_scoped(monkeypatch):
+    # The ONNX export asks for fp32 quantized layers only while it traces; the
+    # process-wide default (bf16 activations on CPU) must come back afterwards,
+    # also when the block raises.
+    monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE", raising=False)
+    assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
+    with ql.exact_cpu_arithmetic():
+        assert ql.cpu_compute_dtype(torch.float32) == torch.float32
+        assert ql.cpu_compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
+    with pytest.raises(RuntimeError), ql.exact_cpu_arithmetic():
+        raise RuntimeError("export failed")
+    assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+    assert ql.cpu_compute_dtype(torch.float32) == torch.float32
