@@ -47,7 +47,9 @@ def _build_and_open(name: str) -> Optional[ctypes.CDLL]:
     if compiler is None:
         _log.info("llmopt: no C compiler found; the CPU kernel %r falls back to PyTorch ops", name)
         return None
-    source = (_SOURCE_DIR / f"{name}.c").read_text()
+    # The key covers the shared headers too: a change there rebuilds every kernel.
+    source = (_SOURCE_DIR / f"{name}.c").read_text() + "".join(
+        header.read_text() for header in sorted(_SOURCE_DIR.glob("*.h")))
     target = _cache_dir() / f"{name}-{_build_key(compiler, source)}.so"
     if not target.exists():
         try:

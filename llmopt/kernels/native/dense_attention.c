@@ -15,46 +15,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "native_common.h"
+
 #define MAX_ROWS 64
 #define MAX_HEAD_DIM 256
 #define CHUNK 64
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* exp for x <= 0 (a score minus its row's running max); 0 below -87, where fp32
- * accumulation could not see the weight anyway, so -inf (masked) gives exactly 0.
- * 2^n * 2^f (rintf, which GCC vectorizes; roundf is a libm call), |f| <= 1/2,
- * degree-7 polynomial: relative error < 1e-8. */
-static inline float exp_nonpositive(float x) {
-    const int dead = !(x >= -87.f); /* -inf (and NaN) too */
-    x = dead ? -87.f : x;
-    const float y = x * 1.44269504088896341f;
-    const float n = __builtin_rintf(y);
-    const float f = (y - n) * 0.69314718055994531f;
-    float p = 1.f / 5040.f;
-    p = p * f + 1.f / 720.f;
-    p = p * f + 1.f / 120.f;
-    p = p * f + 1.f / 24.f;
-    p = p * f + 1.f / 6.f;
-    p = p * f + 0.5f;
-    p = p * f + 1.f;
-    p = p * f + 1.f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return dead ? 0.f : p * scale.f;
-}
 
 typedef struct {
     float q[MAX_ROWS][MAX_HEAD_DIM]; /* pre-scaled */

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "native_common.h"
+
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 128
@@ -27,43 +29,6 @@ typedef struct {
     float run_max[MAX_GROUP], run_sum[MAX_GROUP];
     float k[MAX_BLOCK * MAX_HEAD_DIM], v[MAX_BLOCK * MAX_HEAD_DIM];  /* widened bf16 rows */
 } item_state;
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* exp for x <= 0 (scores minus their running max), vectorizable (rintf, not
- * roundf: GCC vectorizes the former and calls libm for the latter): 2^(x log2 e) as
- * 2^n * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (relative error < 1e-8,
- * below fp32's rounding). x below -87 gives ~1e-38 instead of 0: the weight of such
- * a token is already below what fp32 accumulation can see. NaN propagates. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float y = x * 1.44269504088896341f;
-    const float n = __builtin_rintf(y);
-    const float f = (y - n) * 0.69314718055994531f;
-    float p = 1.f / 5040.f;
-    p = p * f + 1.f / 720.f;
-    p = p * f + 1.f / 120.f;
-    p = p * f + 1.f / 24.f;
-    p = p * f + 1.f / 6.f;
-    p = p * f + 0.5f;
-    p = p * f + 1.f;
-    p = p * f + 1.f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
 
 static inline __attribute__((always_inline)) float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float s = 0.f;
