@@ -12,7 +12,9 @@ reuse the result at every start (with calibration text, int4 uses GPTQ)::
                   options={"quantize": "int4", "quantize_skip": ["lm_head"],
                            "quantized_weights": "model.int4.safetensors"})
 
-(A layer missing from the saved weights and not skipped is quantized while
+``QuantConfig(..., tune_steps=48)`` then also tunes the int4 grids against the
+float model (:mod:`llmopt.quantization.tune`; give it ~25k calibration tokens,
+each window seen once). (A layer missing from the saved weights and not skipped is quantized while
 compiling, by round-to-nearest: the compiler has no calibration data.)
 """
 
