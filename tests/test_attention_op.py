@@ -98,7 +98,7 @@ def test_attention_dropout_drops_the_stated_fraction():
 
 
 # ---------------------------------------------------------------- native few-row kernel
-# Decode-sized CPU calls (group * Lq <= 64 query rows per kv head, fp32/bf16) run in
+# Decode-sized CPU calls (Lq <= 8, group * Lq <= 64 query rows per kv head, fp32/bf16) run in
 # kernels/native/dense_attention.c. fp32 tolerance: fp32 accumulation over <= 300
 # keys of O(1) terms with an exp polynomial of relative error < 1e-8 gives errors
 # ~1e-6; 2e-5 catches any wrong key, mask entry or head mapping (errors of O(0.1)).
@@ -179,6 +179,8 @@ def test_op_uses_native_rows_for_decode_and_flash_otherwise(monkeypatch):
     torch.testing.assert_close(decode, flash, atol=2e-6, rtol=0)
     assert attention_module._native_rows_attention(q, k, v, None, 39, None) is None  # switched off
     monkeypatch.delenv("LLMOPT_ATTENTION_IMPL")
-    q65 = torch.randn(1, 9, 22, 64)  # 3 * 22 = 66 rows per kv head: past the kernel's 64
-    assert attention_module._native_rows_attention(q65, k, v, None, 18, None) is None
+    prefill = torch.randn(1, 9, 9, 64)  # 9 query tokens: a prefill chunk, for the flash kernel
+    assert attention_module._native_rows_attention(prefill, k, v, None, 31, None) is None
+    wide = torch.randn(1, 99, 2, 64)  # 2 tokens, but a group of 33: 66 rows per kv head, past 64
+    assert attention_module._native_rows_attention(wide, k, v, None, 38, None) is None
     assert attention_module._native_rows_attention(q.double(), k.double(), v.double(), None, 39, None) is None

@@ -22,7 +22,7 @@ Semantics (the contract every implementation keeps):
 The CPU implementation is PyTorch's fused CPU flash-attention kernel; GQA is
 handled by folding the query heads of a group into the query-length axis, so
 each key/value head is read once for its whole group. Decode-sized calls (at
-most 64 query rows per key/value head, fp32 or bf16) run in a small C kernel
+most 8 query tokens and 64 query rows per key/value head, fp32 or bf16) run in a small C kernel
 instead (``native/dense_attention.c``), which reads K/V and the mask in place
 with their strides; the flash kernel's set-up cost dominates at those sizes. On CUDA the Triton
 kernels of :mod:`llmopt.kernels.triton_flash` run.
@@ -294,11 +294,14 @@ def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
 
 # Query rows per (batch, kv head) the native kernel takes (group * Lq), and its head-dim cap.
 _NATIVE_MAX_ROWS, _NATIVE_MAX_HEAD_DIM = 64, 256
+# Longer query chunks (prefill) stay on the flash kernel: there its set-up cost is
+# amortised, and a prefill keeps the arithmetic of eager SDPA on CPU bit for bit.
+_NATIVE_MAX_QUERY_LEN = 8
 _NATIVE_FUNCTIONS = {torch.float32: "dense_attention_f32", torch.bfloat16: "dense_attention_bf16"}
 
 
 def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
-    """Decode-sized calls (a few query rows) in ``native/dense_attention.c``, or None.
+    """Decode-sized calls (at most 8 query tokens) in ``native/dense_attention.c``, or None.
 
     PyTorch's CPU flash kernel spends ~80 us a call on set-up at these sizes (one
     query row against a few hundred cached keys), 30 calls per decoded token;
@@ -309,7 +312,8 @@ def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if (q.dtype not in _NATIVE_FUNCTIONS or k.dtype != q.dtype or v.dtype != q.dtype
-            or (q_heads // kv_heads) * q_len > _NATIVE_MAX_ROWS or head_dim > _NATIVE_MAX_HEAD_DIM
+            or q_len > _NATIVE_MAX_QUERY_LEN or (q_heads // kv_heads) * q_len > _NATIVE_MAX_ROWS
+            or head_dim > _NATIVE_MAX_HEAD_DIM
             or k_len == 0 or os.environ.get("LLMOPT_ATTENTION_IMPL") == "torch"):
         return None
     from llmopt.kernels import native
