@@ -67,7 +67,7 @@ the core's read bandwidth) 6.3 ms vs 10 ms. It is faster at prefill sizes too
 large M. ``LLMOPT_INT4_CPU_KERNEL=torch`` installs PyTorch's layout instead,
 as does exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32``: no activation
 rounding; a native-layout weight called in that mode dequantizes to fp32), and
-a missing C compiler (``LLMOPT_NATIVE=0``). CPU calls of ``linear_int4`` are
+a missing C compiler (``LLMOPT_NATIVE=0``). CPU calls of ``linear_int4``
 reach its body straight from the dispatcher: the op is defined with
 ``torch.library`` rather than ``custom_op``, whose Python wrappers cost ~7-15 us
 a call, as much as the kernel of a 576 x 576 decode layer.
@@ -148,16 +148,20 @@ def to_cpu_int4_layout(packed: Tensor) -> Tensor:
 NATIVE_TILE = 16  # rows per tile of the "cpu_native" layout (see kernels/native/int4_gemv.c)
 
 
+def _tile_spans(n: int):
+    """``(start, stop, rows per tile)`` of the full 16-row tiles, then of the last, partial one."""
+    full = n - n % NATIVE_TILE
+    if full:
+        yield 0, full, NATIVE_TILE
+    if n > full:
+        yield full, n, n - full
+
+
 def _to_tiles(t: Tensor, inner: int) -> Tensor:
     """``(N, *middle, inner)`` -> flat, tile by tile: each tile of 16 rows (the last one
     of N % 16) ordered ``(*middle, row, inner)``."""
-    n = t.shape[0]
-    full = n - n % NATIVE_TILE
     parts = []
-    for start, rows in ((0, NATIVE_TILE), (full, n - full)):
-        stop = full if rows == NATIVE_TILE else n
-        if stop <= start:
-            continue
+    for start, stop, rows in _tile_spans(t.shape[0]):
         block = t[start:stop].reshape((stop - start) // rows, rows, *t.shape[1:])
         order = (0, *range(2, t.dim()), 1, t.dim())
         parts.append(block.permute(order).reshape(-1))
@@ -167,13 +171,9 @@ def _to_tiles(t: Tensor, inner: int) -> Tensor:
 def _from_tiles(flat: Tensor, shape: tuple) -> Tensor:
     """Inverse of :func:`_to_tiles` for a tensor of ``shape`` ``(N, *middle, inner)``."""
     n, middle, inner = shape[0], tuple(shape[1:-1]), shape[-1]
-    full = n - n % NATIVE_TILE
     per_row = flat.numel() // n
     parts = []
-    for start, rows in ((0, NATIVE_TILE), (full, n - full)):
-        stop = full if rows == NATIVE_TILE else n
-        if stop <= start:
-            continue
+    for start, stop, rows in _tile_spans(n):
         block = flat[start * per_row: stop * per_row].reshape((stop - start) // rows, *middle, rows, inner)
         order = (0, len(middle) + 1, *range(1, len(middle) + 1), len(middle) + 2)
         parts.append(block.permute(order).reshape(stop - start, *middle, inner))

@@ -236,13 +236,13 @@ def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
     cpu = weight.device.type == "cpu" and not qlinear.use_triton(weight.device)
     if cpu and quantized.mode == "int8":
         t["scales"] = t["scales"].to(weight.dtype)
+    if quantized.mode == "int4" and cpu and _native_int4(weight.dtype):
+        # llmopt's C kernel (int8 activations x int4 weights): any N, its own tile order, bf16 scales.
+        qweight, scales = qlinear.to_cpu_native_int4_layout(t["qweight"], t["scales_zeros"])
+        return [qweight, scales, "cpu_native"]
     if cpu and quantized.mode == "int4":
         # PyTorch's CPU kernel takes its scales in the dtype it computes in (bf16 for fp32 models).
         t["scales_zeros"] = t["scales_zeros"].to(qlinear.cpu_compute_dtype(weight.dtype))
-    if quantized.mode == "int4" and cpu and _native_int4(weight.dtype):
-        # llmopt's C kernel (int8 activations x int4 weights): any N, its own tile order, bf16 scales.
-        qweight, scales = qlinear.to_cpu_native_int4_layout(t["qweight"], quantized.tensors["scales_zeros"])
-        return [qweight, scales, "cpu_native"]
     if quantized.mode == "int4":
         # PyTorch's CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
         tiled = cpu and quantized.out_features % 16 == 0 and weight.dtype in qlinear.CPU_KERNEL_DTYPES
