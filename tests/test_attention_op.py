@@ -155,6 +155,33 @@ def test_native_rows_attention_strided_inputs_and_hidden_rows():
     assert torch.isinf(lse[1]).all() and (lse[1] < 0).all()
 
 
+@pytest.mark.parametrize("batch_kv_len", [(1, 320), (2, 190)])
+def test_native_rows_attention_skips_hidden_chunks(batch_kv_len):
+    """A static KV cache: most key chunks are hidden from every row and are skipped
+    unread. Per-row (B, Hq, Lq, Lk) bool masks with different visible spans (one only
+    inside the middle chunk) match the fp64 reference, and the same mask as 0/-inf
+    floats gives bit-identical results."""
+    batch, k_len = batch_kv_len
+    q, k, v = (t.detach() for t in _inputs(batch, 6, 2, 3, k_len, 64, torch.float32))
+    # Chunks of 64 keys: from 192 on no row sees a key, and reading one would poison the output.
+    k[..., 192:, :] = float("nan")
+    v[..., 192:, :] = float("nan")
+    visible = torch.zeros(batch, 6, 3, k_len, dtype=torch.bool)
+    visible[..., :128] = True  # decode of 3 appended tokens at positions 127..129, causal
+    for row in range(3):
+        visible[:, :, row, 128:128 + row] = True
+    visible[:, 4, :, :] = False  # one head sees only keys 70..99 (the middle of chunk 1)
+    visible[:, 4, :, 70:100] = True
+    out, lse = _native_or_skip(q, k, v, visible, None)
+    ref_out, ref_lse = attention_reference(q.double(), k.nan_to_num().double(), v.nan_to_num().double(),
+                                           visible, None, None)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
+    additive = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    out_f, lse_f = _native_or_skip(q, k, v, additive, None)
+    assert torch.equal(out_f, out) and torch.equal(lse_f, lse)
+
+
 def test_native_rows_attention_bf16():
     q, k, v = (t.detach().to(torch.bfloat16) for t in _inputs(2, 9, 3, 1, 200, 64, torch.float32))
     out, lse = _native_or_skip(q, k, v, None, None)

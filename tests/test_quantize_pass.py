@@ -113,6 +113,31 @@ def test_weight_only_modes_match_dequantized_model(mode, group_size):
     assert len(_rewrites(llmopt.last_report())) == 15  # 7 per layer + lm_head
 
 
+@pytest.mark.parametrize("mode, native", [("int8", False), ("int4", False), ("int4", True), ("fp8", False)])
+def test_sibling_layers_share_one_call_with_unchanged_results(mode, native, monkeypatch):
+    """q/k/v and gate/up become one call each; the output is bit for bit the unmerged one."""
+    from llmopt.kernels import quantized_linear
+    from llmopt.passes import quantize_linear
+
+    if native:  # the C kernel (bf16 scales, int8 activations), as decode runs by default
+        monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE")
+        if not quantized_linear.native_int4_available():
+            pytest.skip("no C compiler for the native int4 kernel")
+    model, ids = random_llama(heads="gqa", num_layers=2), _ids()
+    merged = _run(model, ids, quantize=mode, group_size=32)
+    graph = llmopt.last_report().graphs[0]
+    calls = sum(count for op, count in graph.ops_after.items() if f"linear_{mode}" in str(op))
+    assert calls == 9  # per layer: q/k/v, o, gate/up, down; and lm_head
+    rewrites = _rewrites(llmopt.last_report())
+    assert len(rewrites) == 15  # still reported layer by layer
+    q_proj = next(r for r in rewrites if r.location == "model.layers.0.self_attn.q_proj")
+    assert "one call with k_proj and v_proj" in q_proj.detail
+    torch._dynamo.reset()
+    monkeypatch.setattr(quantize_linear, "MERGE_SIBLINGS", False)
+    apart = _run(model, ids, quantize=mode, group_size=32)
+    assert torch.equal(merged, apart)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_default_cpu_kernels_run_fp32_models_in_bf16(mode, monkeypatch):
     monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE")

@@ -15,6 +15,14 @@ or a ``QuantizedWeights``) are matched against. A layer found in the saved
 weights is installed as saved (never re-quantized); one that is missing is
 quantized now, and the report notes it.
 
+Sibling layers, those reading the same input with no bias (a Llama layer's
+q/k/v and gate/up projections), share one call: their quantized weights are
+stacked along the output features and each layer's output is a ``narrow`` of
+the call's. Rows are quantized independently in every mode that merges
+(int8, int4, fp8), so the weights are the same as apart; decode saves the
+per-call cost of 3 of the 7 calls per layer (~9% of a SmolLM2 int4 token on
+2 CPU cores).
+
 Left alone, with the reason: graphs that compute gradients (quantized
 weights are constants and would get none), weights that are not parameters,
 layers matching ``quantize_skip``, non-floating or non-2-D weights.
@@ -68,9 +76,8 @@ class QuantizeLinear(GraphPass):
         qconfig = QuantConfig.from_llmopt(ctx.config)
         saved = saved_weights(ctx.config.quantized_weights, qconfig)
         result = PassResult()
-        installed: dict[Node, list[Any]] = {}  # weight node -> op inputs (a weight used twice is quantized once)
         fake_mode = _fake_mode(gm)
-        before = after = 0
+        linears = []
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
                 continue
@@ -84,19 +91,71 @@ class QuantizeLinear(GraphPass):
             if not isinstance(weight, torch.Tensor) or isinstance(weight, torch._subclasses.FakeTensor):
                 result.skipped.append(Skipped(KIND, layer, "no real value for the weight (fake or sparse)"))
                 continue
-            if weight_node not in installed:
-                prepared = _prepare(layer, weight, qconfig, saved)
-                installed[weight_node] = _install(gm, layer, prepared.inputs)
-                before += weight.numel() * weight.element_size()
-                after += prepared.nbytes
-                result.rewrites.append(Rewrite(KIND, layer, prepared.detail(weight)))
-            _replace(gm, node, installed[weight_node], qconfig, fake_mode)
+            linears.append(_Linear(node, layer, weight_node, weight))
+        installed: dict[tuple, list[Any]] = {}  # weight nodes -> op inputs (a weight used twice is quantized once)
+        before = after = merged = 0
+        for group in _sibling_groups(linears, qconfig):
+            key = tuple(linear.weight_node for linear in group)
+            if key not in installed:
+                prepared = _prepare(group, qconfig, saved)
+                installed[key] = _install(gm, _buffer_name(group), prepared.inputs)
+                for linear in group:
+                    share = prepared.nbytes * linear.weight.shape[0] // prepared.out_features
+                    before += linear.weight.numel() * linear.weight.element_size()
+                    after += share
+                    result.rewrites.append(Rewrite(KIND, linear.layer, prepared.detail(linear, share, group)))
+            _replace(gm, group, installed[key], qconfig, fake_mode)
+            merged += len(group) if len(group) > 1 else 0
         if installed:
+            calls = len(installed)
+            layers = sum(len(key) for key in installed)
             result.notes.append(
-                f"{qconfig.label}: {len(installed)} linear weight(s), {before / 2**20:.1f} MiB float -> "
+                f"{qconfig.label}: {layers} linear weight(s), {before / 2**20:.1f} MiB float -> "
                 f"{after / 2**20:.1f} MiB quantized (the model keeps its float weights)"
+                + (f"; {merged} sibling layers merged, {calls} quantized calls" if merged else "")
             )
         return result
+
+
+@dataclass
+class _Linear:
+    """One float linear the pass quantizes."""
+
+    node: Node
+    layer: str
+    weight_node: Node
+    weight: torch.Tensor
+
+
+# Modes whose quantized weights concatenate along the output features (w8a8's
+# smoothing factors differ from layer to layer, so its siblings stay apart).
+MERGEABLE_MODES = ("int8", "int4", "fp8")
+MERGE_SIBLINGS = True  # tests switch it off to compare against unmerged graphs
+
+
+def _sibling_groups(linears: list[_Linear], qconfig: QuantConfig) -> list[list[_Linear]]:
+    """Linears in graph order, siblings grouped: layers reading the same input with
+    weights of one dtype and width and no bias (a Llama layer's q/k/v and gate/up)
+    become one call of the quantized kernel, one weight read and one dispatch
+    instead of three. Their rows are quantized exactly as if they were apart."""
+    if not MERGE_SIBLINGS or qconfig.mode not in MERGEABLE_MODES:
+        return [[linear] for linear in linears]
+    groups: dict[tuple, list[_Linear]] = {}
+    order: list[list[_Linear]] = []
+    seen_weights: set[Node] = set()
+    for linear in linears:
+        key = (_arg(linear.node, 0, "input"), linear.weight.dtype, linear.weight.device, linear.weight.shape[1])
+        alone = (_arg(linear.node, 2, "bias") is not None or linear.weight_node in seen_weights
+                 or not isinstance(key[0], Node))
+        seen_weights.add(linear.weight_node)
+        if alone:
+            order.append([linear])
+        elif key in groups:
+            groups[key].append(linear)
+        else:
+            groups[key] = [linear]
+            order.append(groups[key])
+    return order
 
 
 # ---------------------------------------------------------------- which layers
@@ -134,19 +193,24 @@ def _weight_value(gm: GraphModule, weight: Node, ctx: PassContext) -> Any:
 
 @dataclass
 class _Prepared:
-    """A layer's op inputs (tensors ready for the kernel, and constants) and what to report."""
+    """A group's op inputs (tensors ready for the kernel, and constants) and what to report."""
 
     inputs: list[Any]
     nbytes: int
+    out_features: int
     label: str
     origin: str
 
-    def detail(self, weight: torch.Tensor) -> str:
-        float_bytes = weight.numel() * weight.element_size()
-        return f"{self.label}, {float_bytes} -> {self.nbytes} bytes, {self.origin}"
+    def detail(self, linear: _Linear, nbytes: int, group: list[_Linear]) -> str:
+        float_bytes = linear.weight.numel() * linear.weight.element_size()
+        together = ""
+        if len(group) > 1:
+            others = [other.layer.rsplit(".", 1)[-1] for other in group if other is not linear]
+            together = f"one call with {' and '.join(others)}, "
+        return f"{self.label}, {float_bytes} -> {nbytes} bytes, {together}{self.origin}"
 
 
-# weight tensor -> {settings: (weight version, label, bytes, origin, weak refs to the inputs)}.
+# first weight of a group -> {settings: (weight versions, label, bytes, origin, weak refs to the inputs)}.
 # A model compiled into several graphs (prefill and decode, recompiles for new
 # shapes) then shares one quantized copy of each weight and quantizes it once.
 # Weak both ways: an entry lives only while its weight and the graphs that hold
@@ -155,25 +219,46 @@ class _Prepared:
 _PREPARED = WeakIdKeyDictionary()
 
 
-def _prepare(layer: str, weight: torch.Tensor, qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
-    key = (layer, qconfig.mode, qconfig.group_size, weight.dtype, qlinear.cpu_compute_dtype(weight.dtype),
-           str(weight.device), qconfig.mode == "int4" and weight.device.type == "cpu" and _native_int4(weight.dtype),
-           qlinear.use_triton(weight.device), _saved_key(saved))
-    entries = _PREPARED.setdefault(weight, {})
+def _prepare(group: list[_Linear], qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
+    first = group[0].weight
+    key = (tuple(linear.layer for linear in group), tuple(id(linear.weight) for linear in group),
+           qconfig.mode, qconfig.group_size, first.dtype, qlinear.cpu_compute_dtype(first.dtype),
+           str(first.device), qconfig.mode == "int4" and first.device.type == "cpu" and _native_int4(first.dtype),
+           qlinear.use_triton(first.device), _saved_key(saved))
+    versions = tuple(linear.weight._version for linear in group)
+    out_features = sum(linear.weight.shape[0] for linear in group)
+    entries = _PREPARED.setdefault(first, {})
     hit = entries.get(key)
-    if hit is not None and hit[0] == weight._version:
+    if hit is not None and hit[0] == versions:
         inputs = [ref() if isinstance(ref, weakref.ref) else ref for ref in hit[4]]
         if all(i is not None for i, ref in zip(inputs, hit[4]) if isinstance(ref, weakref.ref)):
-            return _Prepared(inputs, hit[2], hit[1], "shared with an earlier graph")
-    quantized, origin = _quantized(layer, weight, qconfig, saved)
+            return _Prepared(inputs, hit[2], out_features, hit[1], "shared with an earlier graph")
+    parts = [_quantized(linear.layer, linear.weight, qconfig, saved) for linear in group]
+    quantized = _concatenate([part for part, _ in parts])
+    origins = sorted({origin for _, origin in parts})
+    origin = origins[0] if len(origins) == 1 else "partly " + " and partly ".join(origins)
     label = f"int4 g{quantized.group_size}" if quantized.mode == "int4" else quantized.mode
-    inputs = _kernel_inputs(quantized, weight)
+    inputs = _kernel_inputs(quantized, first)
     # Bytes as installed (CPU: scales in the weight's dtype, int8 padded to 16 columns).
     nbytes = sum(i.numel() * i.element_size() for i in inputs if isinstance(i, torch.Tensor))
-    prepared = _Prepared(inputs, nbytes, label, origin)
+    prepared = _Prepared(inputs, nbytes, out_features, label, origin)
     refs = [weakref.ref(i) if isinstance(i, torch.Tensor) else i for i in prepared.inputs]
-    entries[key] = (weight._version, label, prepared.nbytes, origin, refs)
+    entries[key] = (versions, label, prepared.nbytes, origin, refs)
     return prepared
+
+
+def _concatenate(parts: list[quantize_module.QuantizedLinear]) -> quantize_module.QuantizedLinear:
+    """Sibling layers' quantized weights stacked along the output features (rows are
+    quantized independently, so this equals quantizing the stacked float weight)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    # int4 scales/zeros are (groups, N, 2); every other tensor has N first.
+    dims = {"scales_zeros": 1}
+    tensors = {name: torch.cat([part.tensors[name] for part in parts], dim=dims.get(name, 0))
+               for name in first.tensors}
+    out_features = sum(part.out_features for part in parts)
+    return quantize_module.QuantizedLinear(first.mode, first.in_features, out_features, tensors, first.group_size)
 
 
 def _saved_key(saved: Optional[QuantizedWeights]) -> Any:
@@ -288,10 +373,12 @@ def _install(gm: GraphModule, layer: str, inputs: list[Any]) -> list[Any]:
     return installed
 
 
-def _replace(gm: GraphModule, node: Node, installed: list[Any], qconfig: QuantConfig, fake_mode) -> None:
+def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfig: QuantConfig, fake_mode) -> None:
+    """One quantized call for the group; each member's output is its slice of the call's."""
     graph = gm.graph
-    x, bias = _arg(node, 0, "input"), _arg(node, 2, "bias")
-    with graph.inserting_before(node):
+    first = group[0].node
+    x, bias = _arg(first, 0, "input"), _arg(first, 2, "bias")
+    with graph.inserting_before(first):
         inputs = [_get_attr(gm, v, fake_mode) if isinstance(v, _Buffer) else v for v in installed]
         if qconfig.mode == "int4":
             qweight, scales_zeros, layout = inputs
@@ -299,10 +386,35 @@ def _replace(gm: GraphModule, node: Node, installed: list[Any], qconfig: QuantCo
         else:
             args = (x, *inputs, bias)
         call = graph.call_function(OPS[qconfig.mode], args)
-    copy_location_meta(node, call)
-    call.meta["example_value"] = fake_value(node)
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
+        copy_location_meta(first, call)
+        outputs = [call]
+        if len(group) > 1:
+            call.meta["example_value"] = _stacked_fake(group)
+            outputs, start = [], 0
+            for linear in group:
+                rows = linear.weight.shape[0]
+                outputs.append(graph.call_function(torch.narrow, (call, -1, start, rows)))
+                copy_location_meta(linear.node, outputs[-1])
+                start += rows
+    for linear, output in zip(group, outputs):
+        output.meta["example_value"] = fake_value(linear.node)
+        linear.node.replace_all_uses_with(output)
+        graph.erase_node(linear.node)
+
+
+def _buffer_name(group: list[_Linear]) -> str:
+    # model.layers.0.self_attn.q_proj, then the siblings' last names: ..._q_proj_k_proj_v_proj
+    return "_".join([group[0].layer] + [linear.layer.rsplit(".", 1)[-1] for linear in group[1:]])
+
+
+def _stacked_fake(group: list[_Linear]):
+    """The merged call's fake output: the members' outputs side by side."""
+    value = fake_value(group[0].node)
+    if value is None:
+        return None
+    rows = sum(linear.weight.shape[0] for linear in group)
+    with value.fake_mode:
+        return value.new_empty((*value.shape[:-1], rows))
 
 
 def _get_attr(gm: GraphModule, name: str, fake_mode) -> Node:

@@ -83,8 +83,11 @@ def test_exported_graph_uses_onnxruntime_fused_operators(exported):
     ops = [(n.domain, n.op_type) for n in graph.node]
     layers = model.config.num_hidden_layers
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == layers
-    if options:  # every linear layer (7 per decoder layer, and lm_head) is one MatMulNBits
-        assert ops.count(("com.microsoft", "MatMulNBits")) == 7 * layers + 1 == info.quantized_linears
+    if options:
+        # Every linear layer is quantized, and siblings without bias share one MatMulNBits:
+        # gate/up always, q/k/v unless they have biases (Qwen2); and lm_head.
+        per_layer = 6 if model.model.layers[0].self_attn.q_proj.bias is not None else 4
+        assert ops.count(("com.microsoft", "MatMulNBits")) == per_layer * layers + 1 == info.quantized_linears
         # Float MatMuls left: the rotary embedding's position product, and for int4 the block
         # offsets (llmopt's float zeros, (K / group, N)): none reads a (K, N) float weight.
         shapes = {i.name: tuple(i.dims) for i in graph.initializer}

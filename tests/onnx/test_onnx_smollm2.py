@@ -72,7 +72,7 @@ def test_smollm2_int4_layers_match_llmopts_int4_kernels(smollm2, tmp_path):
     model = _first_layers(smollm2.model, 4)
     options = {"quantize": "int4", "group_size": 32}
     exported = export_onnx(model, tmp_path / "smollm2-int4.onnx", options=options, optimize=False)
-    assert exported.quantized_linears == 4 * 7 + 1  # lm_head included
+    assert exported.quantized_linears == 4 * 4 + 1  # q/k/v and gate/up merged; lm_head included
 
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]])
     positions = torch.arange(ids.shape[1])[None]

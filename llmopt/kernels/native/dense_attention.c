@@ -5,9 +5,11 @@
  * Work item = (batch, kv head): the GQA group's query heads and all their query
  * rows (group * Lq <= MAX_ROWS) share each key/value row as it streams past.
  * Keys are taken in chunks of CHUNK with an online softmax (one rescale per
- * chunk). The additive mask (optional) is read with strides, so broadcast masks
- * cost nothing; -inf entries drop keys, and a row that sees no key gets 0 and
- * lse = -inf, as the op's contract says. fp32 accumulation; inputs fp32 or bf16.
+ * chunk). The mask (optional; additive fp32, or bool with true = visible) is read
+ * with strides, so broadcast masks cost nothing; -inf (false) entries drop keys,
+ * and a row that sees no key gets 0 and lse = -inf, as the op's contract says.
+ * A chunk no row sees is skipped unread: a static KV cache is mostly not yet
+ * written during decode. fp32 accumulation; inputs fp32 or bf16.
  *
  * Built and loaded by llmopt/kernels/native/__init__.py (ctypes), like paged_decode.c.
  */
@@ -26,7 +28,9 @@ typedef struct {
     float acc[MAX_ROWS][MAX_HEAD_DIM];
     float s[MAX_ROWS][CHUNK];
     float run_max[MAX_ROWS], run_sum[MAX_ROWS];
-    const float *mask_row[MAX_ROWS];
+    const void *mask_row[MAX_ROWS];         /* the row's mask (fp32 or bool), NULL without one */
+    const float *chunk_mask[MAX_ROWS];      /* the current chunk's additive mask, NULL without one */
+    float bool_chunk[MAX_ROWS][CHUNK];      /* a bool mask's chunk as 0 / -inf */
     float k[CHUNK * MAX_HEAD_DIM], v[CHUNK * MAX_HEAD_DIM]; /* widened bf16 chunk */
 } item_state;
 
@@ -38,17 +42,17 @@ static inline __attribute__((always_inline)) float dot(const float *restrict a, 
     return s;
 }
 
-/* Keys [t0, t0 + n) of one chunk, rows k + t * kst (fp32), for all `rows` queries. */
+/* The n keys of one chunk, rows k + t * kst (fp32), for all `rows` queries. */
 static inline __attribute__((always_inline)) void attend_chunk(item_state *st, const float *restrict k,
                                                                const float *restrict v, int64_t kst, int64_t vst,
-                                                               int64_t t0, int64_t n, int rows, int64_t head_dim) {
+                                                               int64_t n, int rows, int64_t head_dim) {
     for (int r = 0; r < rows; ++r) {
         float *restrict s = st->s[r];
-        const float *mask = st->mask_row[r];
+        const float *mask = st->chunk_mask[r];
         float chunk_max = -INFINITY;
         for (int64_t t = 0; t < n; ++t) {
             float x = dot(st->q[r], k + t * kst, head_dim);
-            if (mask) x += mask[t0 + t];
+            if (mask) x += mask[t];
             s[t] = x;
             chunk_max = x > chunk_max ? x : chunk_max;
         }
@@ -92,11 +96,34 @@ static inline __attribute__((always_inline)) void attend_chunk(item_state *st, c
 }
 
 /* The common head size gets a copy with constant loop bounds (unrolled, queries in registers). */
-static void attend(item_state *st, const float *k, const float *v, int64_t kst, int64_t vst, int64_t t0,
-                   int64_t n, int rows, int64_t head_dim) {
-    if (head_dim == 64) attend_chunk(st, k, v, kst, vst, t0, n, rows, 64);
-    else if (head_dim == 128) attend_chunk(st, k, v, kst, vst, t0, n, rows, 128);
-    else attend_chunk(st, k, v, kst, vst, t0, n, rows, head_dim);
+static void attend(item_state *st, const float *k, const float *v, int64_t kst, int64_t vst, int64_t n,
+                   int rows, int64_t head_dim) {
+    if (head_dim == 64) attend_chunk(st, k, v, kst, vst, n, rows, 64);
+    else if (head_dim == 128) attend_chunk(st, k, v, kst, vst, n, rows, 128);
+    else attend_chunk(st, k, v, kst, vst, n, rows, head_dim);
+}
+
+/* Points each row at the chunk [t0, t0 + n) of its mask; 0 if no row sees any of its keys. */
+static int chunk_visible(item_state *st, int rows, int mask_is_bool, int64_t t0, int64_t n) {
+    int visible = 0;
+    for (int r = 0; r < rows; ++r) {
+        if (!st->mask_row[r]) {
+            st->chunk_mask[r] = NULL;
+            visible = 1;
+        } else if (mask_is_bool) {
+            const uint8_t *m = (const uint8_t *)st->mask_row[r] + t0;
+            for (int64_t t = 0; t < n; ++t) {
+                st->bool_chunk[r][t] = m[t] ? 0.f : -INFINITY;
+                visible |= m[t] != 0;
+            }
+            st->chunk_mask[r] = st->bool_chunk[r];
+        } else {
+            const float *m = (const float *)st->mask_row[r] + t0;
+            for (int64_t t = 0; t < n; ++t) visible |= m[t] != -INFINITY;
+            st->chunk_mask[r] = m;
+        }
+    }
+    return visible;
 }
 
 static void widen(float *restrict dst, const uint16_t *restrict src, int64_t stride, int64_t n, int64_t head_dim) {
@@ -105,15 +132,18 @@ static void widen(float *restrict dst, const uint16_t *restrict src, int64_t str
         for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = bf16_to_f32(src[t * stride + d]);
 }
 
-/* Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), all with unit stride along D
- * and the other strides given (in elements); mask fp32 with strides (0 to
- * broadcast), or NULL; out (B, Hq, Lq, D) and lse (B, Hq, Lq) contiguous.
+/* Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), all with unit stride along D;
+ * mask (B, Hq, Lq, Lk) fp32 or bool (mask_is_bool) with unit stride along Lk, or
+ * NULL; strides: the first three strides (in elements) of q, k, v and the mask,
+ * 0 to broadcast; out (B, Hq, Lq, D) and lse (B, Hq, Lq) contiguous.
  * Returns 1 for shapes past the fixed buffers (the caller then uses PyTorch). */
 #define DEFINE_ATTENTION(NAME, ELEM, IS_BF16, LOAD, STORE)                                                  \
-    int NAME(const ELEM *q, const ELEM *k, const ELEM *v, const float *mask, ELEM *out, float *lse,         \
-             int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t k_len, int64_t head_dim, \
-             const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,                  \
-             const int64_t *mask_strides, float scale) {                                                    \
+    int NAME(const ELEM *q, const ELEM *k, const ELEM *v, const void *mask, int mask_is_bool, ELEM *out,   \
+             float *lse, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t k_len,    \
+             int64_t head_dim, const int64_t *strides, float scale) {                                       \
+        const int64_t *q_strides = strides, *k_strides = strides + 3, *v_strides = strides + 6;            \
+        const int64_t *mask_strides = strides + 9;                                                          \
+        const int64_t mask_elem = mask_is_bool ? 1 : 4;                                                     \
         const int64_t group = q_heads / kv_heads;                                                           \
         if (group * q_len > MAX_ROWS || head_dim > MAX_HEAD_DIM) return 1;                                  \
         const int rows = (int)(group * q_len);                                                              \
@@ -130,20 +160,21 @@ static void widen(float *restrict dst, const uint16_t *restrict src, int64_t str
                     }                                                                                       \
                     st.run_max[r] = -INFINITY;                                                              \
                     st.run_sum[r] = 0.f;                                                                    \
-                    st.mask_row[r] = mask ? mask + b * mask_strides[0] + hq * mask_strides[1]               \
-                                                + l * mask_strides[2] : NULL;                               \
+                    st.mask_row[r] = mask ? (const char *)mask + mask_elem * (b * mask_strides[0]           \
+                                                + hq * mask_strides[1] + l * mask_strides[2]) : NULL;       \
                 }                                                                                           \
                 const ELEM *kh = k + b * k_strides[0] + h * k_strides[1];                                   \
                 const ELEM *vh = v + b * v_strides[0] + h * v_strides[1];                                   \
                 for (int64_t t0 = 0; t0 < k_len; t0 += CHUNK) {                                             \
                     const int64_t n = k_len - t0 < CHUNK ? k_len - t0 : CHUNK;                              \
+                    if (!chunk_visible(&st, rows, mask_is_bool, t0, n)) continue;                           \
                     if (IS_BF16) {                                                                          \
                         widen(st.k, (const uint16_t *)(kh + t0 * k_strides[2]), k_strides[2], n, head_dim); \
                         widen(st.v, (const uint16_t *)(vh + t0 * v_strides[2]), v_strides[2], n, head_dim); \
-                        attend(&st, st.k, st.v, head_dim, head_dim, t0, n, rows, head_dim);                 \
+                        attend(&st, st.k, st.v, head_dim, head_dim, n, rows, head_dim);                     \
                     } else {                                                                                \
                         attend(&st, (const float *)(kh + t0 * k_strides[2]),                                \
-                               (const float *)(vh + t0 * v_strides[2]), k_strides[2], v_strides[2], t0, n,  \
+                               (const float *)(vh + t0 * v_strides[2]), k_strides[2], v_strides[2], n,      \
                                rows, head_dim);                                                             \
                     }                                                                                       \
                 }                                                                                           \
