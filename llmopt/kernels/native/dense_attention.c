@@ -126,12 +126,6 @@ static int chunk_visible(item_state *st, int rows, int mask_is_bool, int64_t t0,
     return visible;
 }
 
-static void widen(float *restrict dst, const uint16_t *restrict src, int64_t stride, int64_t n, int64_t head_dim) {
-    for (int64_t t = 0; t < n; ++t)
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = bf16_to_f32(src[t * stride + d]);
-}
-
 /* Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), all with unit stride along D;
  * mask (B, Hq, Lq, Lk) fp32 or bool (mask_is_bool) with unit stride along Lk, or
  * NULL; strides: the first three strides (in elements) of q, k, v and the mask,
@@ -169,8 +163,8 @@ static void widen(float *restrict dst, const uint16_t *restrict src, int64_t str
                     const int64_t n = k_len - t0 < CHUNK ? k_len - t0 : CHUNK;                              \
                     if (!chunk_visible(&st, rows, mask_is_bool, t0, n)) continue;                           \
                     if (IS_BF16) {                                                                          \
-                        widen(st.k, (const uint16_t *)(kh + t0 * k_strides[2]), k_strides[2], n, head_dim); \
-                        widen(st.v, (const uint16_t *)(vh + t0 * v_strides[2]), v_strides[2], n, head_dim); \
+                        widen_bf16_rows(st.k, (const uint16_t *)(kh + t0 * k_strides[2]), k_strides[2], n, head_dim); \
+                        widen_bf16_rows(st.v, (const uint16_t *)(vh + t0 * v_strides[2]), v_strides[2], n, head_dim); \
                         attend(&st, st.k, st.v, head_dim, head_dim, n, rows, head_dim);                     \
                     } else {                                                                                \
                         attend(&st, (const float *)(kh + t0 * k_strides[2]),                                \

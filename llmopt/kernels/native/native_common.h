@@ -20,6 +20,14 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
     return (uint16_t)(bits >> 16);
 }
 
+/* n bf16 rows of head_dim values, `stride` elements apart, into packed fp32 rows. */
+static inline void widen_bf16_rows(float *restrict dst, const uint16_t *restrict src, int64_t stride, int64_t n,
+                                   int64_t head_dim) {
+    for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = bf16_to_f32(src[t * stride + d]);
+}
+
 /* exp for x <= 0 (a score minus its row's running max), vectorizable: 2^(x log2 e)
  * as 2^n * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (relative error
  * < 1e-8, below fp32's rounding). rintf, not roundf: GCC vectorizes the former and

@@ -90,13 +90,6 @@ static inline void prefetch_rows(const char *first, int64_t stride_bytes, int64_
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(first + t * stride_bytes + off, 0, 3);
 }
 
-static void widen_rows(float *restrict dst, const uint16_t *restrict src, int64_t stride, int64_t rows,
-                       int64_t head_dim) {
-    for (int64_t t = 0; t < rows; ++t)
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = bf16_to_f32(src[t * stride + d]);
-}
-
 typedef struct {
     const int64_t *q_rows, *seq_lens, *block_tables;
     int64_t table_stride, n_seqs, q_heads, kv_heads, head_dim, block_size;
@@ -142,8 +135,8 @@ static int check_shapes(const decode_args *a) {
                         prefetch_rows((const char *)(v_cache + next), stride_bytes, next_rows, head_dim * (int64_t)sizeof(ELEM)); \
                     }                                                                                        \
                     if (IS_BF16) {                                                                           \
-                        widen_rows(st.k, (const uint16_t *)(k_cache + base), row_stride, rows, head_dim);    \
-                        widen_rows(st.v, (const uint16_t *)(v_cache + base), row_stride, rows, head_dim);    \
+                        widen_bf16_rows(st.k, (const uint16_t *)(k_cache + base), row_stride, rows, head_dim);    \
+                        widen_bf16_rows(st.v, (const uint16_t *)(v_cache + base), row_stride, rows, head_dim);    \
                         attend_rows(&st, st.k, st.v, head_dim, rows, group, head_dim);                       \
                     } else {                                                                                 \
                         attend_rows(&st, (const float *)(k_cache + base), (const float *)(v_cache + base),   \
