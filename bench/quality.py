@@ -5,14 +5,19 @@ windows (context 512, stride 256: each token scored once), capped to the
 first --max-tokens tokens. The calibration text (Wanda, GPTQ, SmoothQuant)
 is another file (default tempest.txt), so the scored text is never seen
 during calibration. Extra rows "int4 g128 gptq+tuneN" quantize from the
-whole calibration text and then tune the grids (--tune-steps). Quantized settings run only where the backend accepts the
+whole calibration text and then tune the grids (--tune-steps). Rows "int4 g128
+awq+gptq" (family "awq") first apply activation-aware equivalent scaling to a
+copy of the float model (llmopt/quantization/awq.py, from the first
+--awq-calibration-tokens calibration tokens), then quantize it like the gptq
+row, and with --awq-tune-steps like the gptq+tuneN row; they run only with
+--only awq. Quantized settings run only where the backend accepts the
 option, through the real kernels (compiled, eager lowering). int4 rows: "rtn"
 is what ``quantize="int4"`` does while compiling; "gptq" quantizes first from
 the calibration text. Pruning has no quality target yet: the numbers are
 reported as measured. Writes JSON under bench/results/ and prints a markdown
 table.
 
-    python bench/quality.py [--max-tokens 4096] [--threads 1] [--only fp32 bf16 quantize ...]
+    python bench/quality.py [--max-tokens 4096] [--threads 1] [--only fp32 bf16 quantize awq ...]
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--tune-calibration-tokens", type=int, default=None,
                    help="calibration tokens of that row, GPTQ's Hessians included (default: the whole "
                         "calibration text; tuning sees each window once)")
+    p.add_argument("--awq-tune-steps", type=int, nargs="*", default=[0, 48],
+                   help="rows int4 g128 awq+gptq (float: lm_head), family 'awq': activation-aware scaling, "
+                        "then GPTQ (0: from --calibration-tokens, like the gptq row) or GPTQ and N tuning steps "
+                        "(from --tune-calibration-tokens, like the gptq+tuneN row); none: no such row")
+    p.add_argument("--awq-calibration-tokens", type=int, default=2048,
+                   help="calibration tokens the scaling search runs on")
+    p.add_argument("--awq-search", default="gptq", choices=("gptq", "rtn"),
+                   help="quantizer judging each alpha in the scaling search")
+    p.add_argument("--awq-o-proj", action="store_true", help="also scale o_proj's inputs (through v_proj)")
     p.add_argument("--context-length", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4096)
@@ -63,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--structured-sparsity", type=float, nargs="+", default=[0.5, 0.25],
                    help="heads/channels ratios")
     p.add_argument("--only", nargs="+", default=None,
-                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels")
+                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels awq (default: all "
+                        "but awq, which runs only when named)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -129,6 +144,46 @@ def _tuned_label(steps: int) -> str:
     return TUNED.label.replace(" gptq ", f" gptq+tune{steps} ")
 
 
+class AwqRow:
+    """A row "int4 g128 awq+gptq[+tuneN]": the scaled float model (made once per run), quantized."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    @property
+    def label(self) -> str:
+        return TUNED.label.replace(" gptq ", " awq+gptq " if not self.steps else f" awq+gptq+tune{self.steps} ")
+
+
+_SCALED: dict = {}  # the scaled copy of the model, its report and seconds, made by the first awq row
+
+
+def _evaluate_awq(model, tokens, args, calibration, tune_calibration, row: AwqRow) -> dict:
+    import copy
+
+    from llmopt.quantization import apply_activation_scaling, token_batches
+
+    if not _SCALED:
+        start = time.perf_counter()
+        scaled = copy.deepcopy(model)
+        report = apply_activation_scaling(scaled, token_batches(args.awq_calibration_text, args.context_length),
+                                          group_size=TUNED.group_size, scale_o_proj=args.awq_o_proj,
+                                          search=args.awq_search)
+        _SCALED.update(model=scaled, report=report, seconds=time.perf_counter() - start)
+        print(f"   {report.describe()} ({_SCALED['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    scaled = _SCALED["model"]
+    if row.steps:
+        result = _evaluate_tuned(scaled, tokens, args, tune_calibration, row.steps)
+    else:
+        result = quality.evaluate(scaled, tokens, TUNED, args.context_length, args.stride, calibration)
+        result["calibration_tokens"] = len(calibration)
+    result["setting"] = row.label
+    report = _SCALED["report"]
+    result["awq"] = {"search": args.awq_search, "o_proj": args.awq_o_proj, "seconds": _SCALED["seconds"],
+                     "alphas": report.alphas, **{k: v for k, v in report.to_dict().items() if k != "groups"}}
+    return result
+
+
 def _accepted(mode: str) -> bool:
     try:
         LLMOptConfig.from_options({"quantize": mode})
@@ -154,9 +209,12 @@ def main(argv=None) -> int:
     jobs = settings(args)
     if (not args.only or "quantize" in args.only) and _accepted("int4"):
         jobs += [("quantize", steps) for steps in args.tune_steps if steps]  # an int: a tuned g128 row
+    if args.only and "awq" in args.only and _accepted("int4"):  # opt-in: ~15 min more
+        jobs += [("awq", AwqRow(steps)) for steps in args.awq_tune_steps]
+    args.awq_calibration_text = calibration_text[: args.awq_calibration_tokens]
     rows = []
     for family, setting in jobs:
-        label = _tuned_label(setting) if isinstance(setting, int) else setting.label
+        label = _tuned_label(setting) if isinstance(setting, int) else setting.label  # AwqRow has one too
         print(f"== {label}", file=sys.stderr, flush=True)
         # Every setting compiles the same forward again: start from a clean Dynamo
         # cache, or the recompile limit would quietly run later settings eagerly.
@@ -164,6 +222,8 @@ def main(argv=None) -> int:
         try:
             if isinstance(setting, int):
                 row = _evaluate_tuned(model, tokens, args, tune_calibration, setting)
+            elif isinstance(setting, AwqRow):
+                row = _evaluate_awq(model, tokens, args, calibration, tune_calibration, setting)
             else:
                 row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration)
         except Exception as error:  # noqa: BLE001 - one failed setting must not lose the table
@@ -191,6 +251,10 @@ def main(argv=None) -> int:
                       f"(windows of {args.context_length}), then N steps (one window each, cycling) training the "
                       f"grids against the float model's next-token distributions (KL); levels kept, grids "
                       f"bf16-exact; pure int4 g128 like the gptq row (lm_head float)",
+        "awq_rows": f"int4 g128 awq+gptq[+tuneN]: activation-aware equivalent scaling (llmopt/quantization/awq.py; "
+                    f"search quantizer {args.awq_search}, o_proj {'scaled' if args.awq_o_proj else 'not scaled'}, "
+                    f"first {len(args.awq_calibration_text)} calibration tokens) folded into a copy of the float "
+                    f"model, then the gptq row's (or the gptq+tuneN row's) quantization of it",
         "int4_cpu_kernel": "PyTorch's _weight_int4pack_mm (LLMOPT_NATIVE=0)" if os.environ.get("LLMOPT_NATIVE") == "0"
                            else "llmopt's native kernel (int8 activations) where it builds, else PyTorch's",
         "context_length": args.context_length,

@@ -16,8 +16,13 @@ reuse the result at every start (with calibration text, int4 uses GPTQ)::
 float model (:mod:`llmopt.quantization.tune`; give it ~25k calibration tokens,
 each window seen once). (A layer missing from the saved weights and not skipped is quantized while
 compiling, by round-to-nearest: the compiler has no calibration data.)
+
+``apply_activation_scaling(model, batches, group_size=128)`` (AWQ-style
+equivalent scaling, :mod:`llmopt.quantization.awq`) rewrites the float model
+in place, same function, before ``quantize_weights``; compile that model.
 """
 
+from llmopt.quantization.awq import ScalingReport, apply_activation_scaling
 from llmopt.quantization.calibration import LayerStatistics, collect_statistics, token_batches
 from llmopt.quantization.config import GROUP_SIZES, METHODS, MODES, QuantConfig
 from llmopt.quantization.quantize import (
@@ -37,6 +42,8 @@ __all__ = [
     "QuantConfig",
     "QuantizedLinear",
     "QuantizedWeights",
+    "ScalingReport",
+    "apply_activation_scaling",
     "calibrate",
     "collect_statistics",
     "load_quantized",
