@@ -77,8 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--structured-sparsity", type=float, nargs="+", default=[0.5, 0.25],
                    help="heads/channels ratios")
     p.add_argument("--only", nargs="+", default=None,
-                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels awq (default: all "
-                        "but awq, which runs only when named)")
+                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels awq, or tuned "
+                        "(only the gptq+tuneN rows of quantize) (default: all but awq, which runs only when named)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     calibration = calibration_text[: args.calibration_tokens]
     tune_calibration = calibration_text[: args.tune_calibration_tokens]
     jobs = settings(args)
-    if (not args.only or "quantize" in args.only) and _accepted("int4"):
+    if (not args.only or {"quantize", "tuned"} & set(args.only)) and _accepted("int4"):
         jobs += [("quantize", steps) for steps in args.tune_steps if steps]  # an int: a tuned g128 row
     if args.only and "awq" in args.only and _accepted("int4"):  # opt-in: ~15 min more
         jobs += [("awq", AwqRow(steps)) for steps in args.awq_tune_steps]
