@@ -115,7 +115,7 @@ def attention_backward(
         )
     else:
         grads = _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale)
-    return tuple(_conform(g, _grad_like(x)) for g, x in zip(grads, (q, k, v)))
+    return tuple(_contiguous(g, x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
 @attention_backward.register_fake
@@ -155,13 +155,6 @@ def _contiguous(result: Tensor, dtype: torch.dtype) -> Tensor:
     if result.dtype == dtype and result.stride() == tuple(reversed(strides)):
         return result
     return torch.empty(result.shape, dtype=dtype, device=result.device).copy_(result)
-
-
-def _conform(result: Tensor, template: Tensor) -> Tensor:
-    """``result`` with the strides and dtype of ``template`` (copied only if they differ)."""
-    if result.stride() == template.stride() and result.dtype == template.dtype:
-        return result
-    return template.copy_(result)
 
 
 def _seed(dropout_seed: Optional[Tensor]) -> Tensor:
@@ -275,8 +268,7 @@ def _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, device):
         return None
     allowed, additive = None, None
     if attn_mask is not None:
-        if attn_mask.dim() < 4:
-            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = _four_dims(attn_mask)
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask
         else:
@@ -291,6 +283,11 @@ def _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, device):
     if additive is None:
         additive = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, additive, torch.full((), float("-inf"), dtype=dtype, device=device))
+
+
+def _four_dims(mask):
+    """A mask of fewer dimensions with leading 1s, as broadcasting would read it."""
+    return mask if mask.dim() >= 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len):
@@ -350,9 +347,7 @@ def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     if causal_offset is not None or (mask is not None and mask.dtype not in (torch.bool, torch.float32)):
         mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, torch.float32, q.device)
     if mask is not None:
-        if mask.dim() < 4:
-            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask = mask.expand(batch, q_heads, q_len, k_len)
+        mask = _four_dims(mask).expand(batch, q_heads, q_len, k_len)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
     out = q.new_empty((batch, q_heads, q_len, head_dim))

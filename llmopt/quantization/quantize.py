@@ -282,14 +282,31 @@ def _quantize_int4_sequential(model: nn.Module, linears: dict[str, nn.Linear], g
     return {name: layers[name] for name in linears}
 
 
+# The output-feature axis of each stored tensor: int4 scales/zeros are (groups, N, 2),
+# every other tensor has N first.
+_ROW_DIMS = {"scales_zeros": 1}
+
+
 def _split_rows(layer: QuantizedLinear, sizes: list[int]) -> list[QuantizedLinear]:
-    """An int4 layer of stacked weights -> one layer per block of output rows."""
+    """A layer of stacked weights -> one layer per block of output rows."""
     if len(sizes) == 1:
         return [layer]
-    qweights = layer.tensors["qweight"].split(sizes, dim=0)
-    scales_zeros = layer.tensors["scales_zeros"].split(sizes, dim=1)
+    parts = {name: t.split(sizes, dim=_ROW_DIMS.get(name, 0)) for name, t in layer.tensors.items()}
     return [
-        QuantizedLinear("int4", layer.in_features, n, {"qweight": q.contiguous(), "scales_zeros": sz.contiguous()},
+        QuantizedLinear(layer.mode, layer.in_features, n, {name: p[i].contiguous() for name, p in parts.items()},
                         layer.group_size)
-        for n, q, sz in zip(sizes, qweights, scales_zeros)
+        for i, n in enumerate(sizes)
     ]
+
+
+def stack_rows(layers: list[QuantizedLinear]) -> QuantizedLinear:
+    """Inverse of :func:`_split_rows`: layers of one mode and input width stacked along
+    the output features (rows are quantized independently, so this equals quantizing
+    the stacked float weight)."""
+    if len(layers) == 1:
+        return layers[0]
+    first = layers[0]
+    tensors = {name: torch.cat([layer.tensors[name] for layer in layers], dim=_ROW_DIMS.get(name, 0))
+               for name in first.tensors}
+    out_features = sum(layer.out_features for layer in layers)
+    return QuantizedLinear(first.mode, first.in_features, out_features, tensors, first.group_size)
