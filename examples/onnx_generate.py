@@ -2,6 +2,7 @@
 
     python examples/onnx_generate.py "What is the capital of France?" [--onnx smollm2.onnx]
         [--max-tokens 64] [--quantize int4] [--check]
+    python examples/onnx_generate.py --tiny [--quantize int4]   # a small random Llama, checked (for CI)
 
 If the ONNX file is missing, it is exported first with ``llmopt.export_onnx``
 (the one step that uses PyTorch). Generation then runs in onnxruntime, driven
@@ -11,7 +12,11 @@ outputs as ``past_key_values.*``, greedy, until ``<|im_end|>`` or
 ``--max-tokens``.
 
 ``--check`` also generates with llmopt in PyTorch (``torch.compile(backend="llmopt")``,
-eager lowering, the same options) and reports whether the tokens are identical.
+eager lowering, the same options) and reports whether the tokens are identical;
+the script then exits 1 if they are not.
+
+``--tiny`` exports a random 2-layer Llama (GQA) to a temporary file instead and
+generates from token ids (no tokenizer), always with the check.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from pathlib import Path
 
 def main(argv=None) -> dict:
     args = _parse_args(argv)
-    path = Path(args.onnx)
     options = {"quantize": args.quantize, "group_size": args.group_size} if args.quantize else {}
+    if args.tiny:
+        return tiny(args.max_tokens, options)
+    path = Path(args.onnx)
     model = None
     if not path.exists() or args.check:
         from llmopt.models import load
@@ -67,6 +74,28 @@ def generate_with_onnxruntime(path, tokenizer, prompt: str, max_tokens: int) -> 
             "text": tokenizer.decode(tokens, skip_special_tokens=True), "llmopt_tokens": None, "same": None}
 
 
+def tiny(max_tokens: int, options: dict) -> dict:
+    """Export a random 2-layer Llama, generate greedily with onnxruntime, check against llmopt."""
+    import tempfile
+
+    import llmopt
+    from llmopt.models import random_llama
+    from llmopt.onnx.runtime import OnnxCausalLM
+
+    model = random_llama("gqa")
+    prompt_ids = [(7 * i + 3) % model.config.vocab_size for i in range(12)]
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = llmopt.export_onnx(model, Path(scratch) / "tiny.onnx", options=options)
+        tokens = OnnxCausalLM(str(exported.path)).generate_greedy(prompt_ids, max_tokens)
+    expected = llmopt_greedy(model, prompt_ids, max_tokens, set(), options)
+    same = tokens == expected
+    print(f"random Llama (GQA, 2 layers), options {options}: onnxruntime generated {tokens}")
+    print(f"check: onnxruntime's greedy tokens {'equal' if same else 'DIFFER FROM'} llmopt's in PyTorch: "
+          f"{'OK' if same else 'FAILED'}")
+    return {"prompt_ids": prompt_ids, "stop": set(), "tokens": tokens, "text": None,
+            "llmopt_tokens": expected, "same": same}
+
+
 def _tokenizer():
     from transformers import AutoTokenizer
 
@@ -95,6 +124,7 @@ def _parse_args(argv):
     parser.add_argument("--quantize", choices=("int4", "int8"), help="when exporting: weight-only quantization")
     parser.add_argument("--group-size", type=int, default=32, help="int4 group length when exporting (default 32)")
     parser.add_argument("--check", action="store_true", help="compare with llmopt's greedy tokens in PyTorch")
+    parser.add_argument("--tiny", action="store_true", help="a small random Llama instead of SmolLM2 (for CI)")
     return parser.parse_args(argv)
 
 
