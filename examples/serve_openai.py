@@ -1,13 +1,13 @@
 """Start ``llmopt serve``, query it with the ``openai`` client (streaming and not), stop it.
 
-    python examples/serve_openai.py [--prompt "..."] [--max-tokens 32] [--lower inductor|eager]
+    python examples/serve_openai.py [--prompt "..."] [--question "..."] [--max-tokens 32] [--lower eager]
     python examples/serve_openai.py --tiny   # a small random Llama with a byte-level tokenizer
 
 The server runs as a subprocess on 127.0.0.1, on a free port, exactly as a
 user would start it (``python -m llmopt.cli serve --model ... --port N``).
 Once ``/health`` answers, the script asks for the same greedy completion
-(``temperature=0``) four ways: ``/v1/completions`` and
-``/v1/chat/completions``, each without and with ``stream=True`` (SSE), and
+(``temperature=0``) four ways: ``/v1/completions`` (``--prompt``) and
+``/v1/chat/completions`` (``--question``), each without and with ``stream=True`` (SSE), and
 prints the replies. Exits 1 unless each streamed reply, its chunks joined,
 equals the non-streamed one, then shuts the server down.
 
@@ -66,7 +66,7 @@ def _query(port: int, args) -> int:
                        client.completions.create(prompt=args.prompt, stream=True, **greedy))
     ok &= _report("completions", text, streamed)
 
-    messages = [{"role": "user", "content": args.prompt}]
+    messages = [{"role": "user", "content": args.question}]
     reply = client.chat.completions.create(messages=messages, **greedy).choices[0].message.content
     chunks = client.chat.completions.create(messages=messages, stream=True, **greedy)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
@@ -127,7 +127,8 @@ def _parse_args(argv):
     parser.add_argument("--tiny", action="store_true", help="serve a small random Llama instead of SmolLM2 (for CI)")
     parser.add_argument("--model", default="smollm2", help="what `llmopt serve --model` gets (default smollm2)")
     parser.add_argument("--name", default="llmopt-example", help="the served model name")
-    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--prompt", default="The capital of France is", help="text the completion continues")
+    parser.add_argument("--question", default="What is the capital of France?", help="the chat's user message")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--lower", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for /health")
