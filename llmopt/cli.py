@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) happen inside the commands so that
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -86,6 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=_positive_int, help="most tokens (prompt + output) per request")
     srv.add_argument("--kv-cache-gib", type=_positive_float, help="KV cache budget in GiB (CPU)")
     srv.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    srv.add_argument("--api-key", default=os.environ.get("LLMOPT_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $LLMOPT_API_KEY; none: open)")
+    srv.add_argument("--max-request-bytes", type=_positive_int, default=8 * 1024 * 1024,
+                     help="largest request body accepted, 413 above (default 8 MiB)")
+    srv.add_argument("--max-waiting", type=_positive_int, default=256,
+                     help="sequences that may wait beyond the running batch; 503 with Retry-After when full "
+                          "(default 256)")
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
     _add_export_onnx_parser(commands)
@@ -162,14 +170,15 @@ def _explain(args) -> int:
 
 def _serve(args) -> int:
     from llmopt.models import ModelNotInstalledError
-    from llmopt.runtime.server import BindError, serve
+    from llmopt.runtime.server import BindError, MissingServeExtra, serve
 
     options = {"model": args.model, "lower": args.lower, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib}
     _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
     try:
-        serve({k: v for k, v in options.items() if v is not None}, args.host, args.port, args.served_model_name)
-    except (BindError, ModelNotInstalledError, ValueError) as error:
+        serve({k: v for k, v in options.items() if v is not None}, args.host, args.port, args.served_model_name,
+              api_key=args.api_key or None, max_body_bytes=args.max_request_bytes, max_waiting=args.max_waiting)
+    except (BindError, ModelNotInstalledError, MissingServeExtra, ValueError) as error:
         raise UsageError(str(error)) from None
     return 0
 

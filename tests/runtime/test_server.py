@@ -18,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from llmopt.runtime.detokenizer import IncrementalDetokenizer
 from llmopt.runtime.outputs import CompletionOutput, RequestOutput
 from llmopt.runtime.server import build_server
 
@@ -47,7 +48,7 @@ class FakeEngine:
         if not prompt or REJECTED_TOKEN in prompt:
             raise ValueError("the fake engine refuses this prompt")
         self.num_free_blocks -= 1
-        self.requests[request_id] = [list(prompt), params, []]
+        self.requests[request_id] = [list(prompt), params, [], IncrementalDetokenizer(self.tokenizer, prompt, params)]
         self.added.append((request_id, list(prompt), params))
 
     def abort(self, request_id):
@@ -71,20 +72,22 @@ class FakeEngine:
         self.min_batch = 0
         self.batches.append(sorted(self.requests))
         outputs = []
-        for request_id, (prompt, params, tokens) in list(self.requests.items()):
-            tokens.append(OFFSET + ord("a") + (len(prompt) + len(tokens)) % 26)
-            text = self.tokenizer.decode(tokens)
-            finish = None
-            for stop in params.stop:
-                if stop in text:
-                    text, finish = text[:text.index(stop)], "stop"
-                    break
-            if finish is None and tokens[-1] in params.stop_token_ids:
-                finish = "stop"
+        for request_id, (prompt, params, tokens, detokenizer) in list(self.requests.items()):
+            token = OFFSET + ord("a") + (len(prompt) + len(tokens)) % 26
+            if params.seed is not None and params.seed >= 100:  # "sampling": seeds from 100 shift the letters
+                token = OFFSET + ord("a") + (len(prompt) + len(tokens) + params.seed - 100) % 26
+            tokens.append(token)
+            detokenizer.add(token)
+            finish = "stop" if detokenizer.check_stop(()) is not None else None
             if finish is None and len(tokens) >= params.max_tokens:
                 finish = "length"
-            outputs.append(RequestOutput(request_id, None, prompt, [CompletionOutput(0, text, list(tokens), finish)],
-                                         finished=finish is not None))
+                detokenizer.flush()
+            logprobs = None
+            if params.logprobs is not None:
+                top = [(token + k, -0.5 - k) for k in range(params.logprobs)]
+                logprobs = [(t, -0.5 - (t - OFFSET) % 3, top) for t in tokens]
+            completion = CompletionOutput(0, detokenizer.text, list(tokens), finish, None, logprobs)
+            outputs.append(RequestOutput(request_id, None, prompt, [completion], finished=finish is not None))
             if finish is not None:
                 del self.requests[request_id]
                 self.num_free_blocks += 1
@@ -162,8 +165,8 @@ def test_served_model_name(engine):
     ("/v1/completions", {"prompt": "a", "max_tokens": "3"}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "temperature": -0.5}, "temperature"),
     ("/v1/completions", {"prompt": "a", "wat": 1}, "wat"),
-    ("/v1/completions", {"prompt": "a", "n": 3}, "n"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "n": 30}, "n"),
+    ("/v1/completions", {"prompt": "a", "user": 3}, "user"),
     ("/v1/completions", {"prompt": "x" * 80}, "prompt"),
     ("/v1/completions", {"prompt": "x" * 40, "max_tokens": 40}, "max_tokens"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),
