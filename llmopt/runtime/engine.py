@@ -36,6 +36,7 @@ class _Request:
     generator: torch.Generator | None
     metrics: RequestMetrics
     stop_reason: str | int | None = None
+    logprobs: list | None = None  # per output token: (token id, logprob, [(id, logprob), ...])
 
 
 class LLMEngine:
@@ -168,6 +169,7 @@ class LLMEngine:
         requests = [self._requests[s.request_id] for s in sampling]
         token_ids = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         sampled = {s.request_id: t for s, t in zip(sampling, token_ids)}
+        _record_logprobs(logits, requests, token_ids)
         now = time.perf_counter()
         finished = {seq.request_id for seq in self.scheduler.update(scheduled, sampled)}
         self.num_steps += 1
@@ -199,7 +201,8 @@ class LLMEngine:
         seq = request.seq
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
         completion = CompletionOutput(0, request.detokenizer.text, list(seq.output_token_ids),
-                                      reason, request.stop_reason)
+                                      reason, request.stop_reason,
+                                      None if request.logprobs is None else list(request.logprobs))
         return RequestOutput(seq.request_id, request.prompt, list(seq.prompt_token_ids), [completion],
                              finished=seq.is_finished, metrics=request.metrics)
 
@@ -210,6 +213,26 @@ class LLMEngine:
 
     def kv_waste_fraction(self) -> float:
         return self.scheduler.block_manager.kv_waste_fraction()
+
+
+def _record_logprobs(logits: torch.Tensor, requests: list[_Request], token_ids) -> None:
+    """Append each sampled token's log-probability (and the top alternatives) where asked for.
+
+    Taken from the model's raw distribution (before temperature and top-k/p), as vLLM does.
+    """
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    for row, lp in zip(rows, logprobs):
+        request, token = requests[row], int(token_ids[row])
+        top = []
+        if request.params.logprobs:
+            values, ids = lp.topk(request.params.logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        if request.logprobs is None:
+            request.logprobs = []
+        request.logprobs.append((token, float(lp[token]), top))
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:

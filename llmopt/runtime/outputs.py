@@ -21,6 +21,9 @@ class CompletionOutput:
             or a stop string), ``"length"`` (max_tokens or the model's length
             limit) or ``"abort"``.
         stop_reason: the stop string or stop token id that ended it, if any.
+        logprobs: when asked for (``SamplingParams.logprobs``), one entry per
+            token of ``token_ids``: (token id, its log-probability, the top
+            alternatives as (token id, log-probability) pairs).
     """
 
     index: int = 0
@@ -28,6 +31,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list | None = None  # with SamplingParams.logprobs: (token id, logprob, [(id, logprob)]) per token
 
     @property
     def finished(self) -> bool:

@@ -56,6 +56,9 @@ class SamplingParams:
         include_stop_str_in_output: keep the stop string (or stop token's
             text) at the end of the text.
         n: completions per request; only 1 is supported.
+        logprobs: also report each sampled token's log-probability (under the
+            model's raw distribution, before temperature, as vLLM) and the
+            ``logprobs`` most likely alternatives; None: none.
     """
 
     max_tokens: int | None = 16
@@ -69,6 +72,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
@@ -86,6 +90,8 @@ class SamplingParams:
                 _fail(name, "True or False", getattr(self, name))
         if not (_is_int(self.n) and self.n == 1):
             _fail("n", "1 (one completion per request is all llmopt supports)", self.n)
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= 20):
+            _fail("logprobs", "an int in [0, 20] or None", self.logprobs)
         # Plain Python numbers from here on (numpy scalars are accepted above).
         for name, kind in (("max_tokens", int), ("temperature", float), ("top_k", int),
                            ("top_p", float), ("seed", int), ("n", int)):
