@@ -74,8 +74,8 @@ def _attention(
 
 
 # Defined through torch.library directly rather than custom_op: a decode step of
-# SmolLM2-135M makes 30 calls, and custom_op's Python dispatch cost ~13 us more a
-# call than this (measured: 42 against 55 us a call of which the CPU kernel is 33).
+# SmolLM2-135M makes 30 calls, and custom_op's Python dispatch costs more a call
+# than this (docs/PERFORMANCE.md).
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, SymInt? causal_offset=None, "
             "float? scale=None, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor)",
@@ -325,7 +325,7 @@ _NATIVE_FUNCTIONS = {torch.float32: "dense_attention_f32", torch.bfloat16: "dens
 def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     """Decode-sized calls (at most 8 query tokens) in ``native/dense_attention.c``, or None.
 
-    PyTorch's CPU flash kernel spends ~80 us a call on set-up at these sizes (one
+    PyTorch's CPU flash kernel spends most of a call on set-up at these sizes (one
     query row against a few hundred cached keys), 30 calls per decoded token;
     the native kernel reads K/V in place with strides and the mask (bool or
     additive) as a strided broadcast, and skips key chunks the mask hides.

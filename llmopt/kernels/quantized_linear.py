@@ -58,19 +58,16 @@ Any N, any M (rows four at a time over each tile of 16 weight rows), fp32 /
 bf16 / fp16 inputs, output in ``x``'s dtype. Error: the activation rounding,
 at most ``max|x_block| / 254`` per element (tests check the bound); against
 the bf16 activations of PyTorch's kernel it is the same order (int8 per block
-of 32 is ~7 bits with a local scale, bf16 8 bits). Measured on the
-development Xeon (AVX-512 VNNI, 1 thread), one row: 576 x 1536 15 us vs 45 us
-for ``aten._weight_int4pack_mm_for_cpu`` in bf16, 49152 x 576 1.1 ms vs
-2.2 ms; a decode step's 211 layers (weights streamed from memory at ~10 GB/s,
-the core's read bandwidth) 6.3 ms vs 10 ms. It is faster at prefill sizes too
-(512 rows of 576 x 1536: 4.4 ms vs 17 ms), so there is no second copy for
-large M. ``LLMOPT_INT4_CPU_KERNEL=torch`` installs PyTorch's layout instead,
+of 32 is ~7 bits with a local scale, bf16 8 bits). One layout serves every
+M (decode rows and prefill), so there is no second copy for large M (its
+timings against PyTorch's kernel: docs/PERFORMANCE.md).
+``LLMOPT_INT4_CPU_KERNEL=torch`` installs PyTorch's layout instead,
 as does exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32``: no activation
 rounding; a native-layout weight called in that mode dequantizes to fp32), and
 a missing C compiler (``LLMOPT_NATIVE=0``). CPU calls of ``linear_int4``
 reach its body straight from the dispatcher: the op is defined with
-``torch.library`` rather than ``custom_op``, whose Python wrappers cost ~7-15 us
-a call, as much as the kernel of a 576 x 576 decode layer.
+``torch.library`` rather than ``custom_op``, whose Python wrappers cost about
+as much a call as the kernel of a small decode layer (docs/PERFORMANCE.md).
 
 Other dtypes (fp64), int4 weights whose N is not a multiple of 16 without the
 native kernel (kept in the nibble layout) and int8/int4 on a device without a kernel run a
@@ -291,9 +288,9 @@ def _linear_int4(
 
 
 # Defined through torch.library directly rather than custom_op: an op custom_op made
-# costs ~7 us of dispatch a call even with a plain CPU kernel, this one ~2 us, and
-# a decode step of SmolLM2-135M makes 211 calls (the 576 x 576 layers' kernel takes
-# ~7 us). The body returns fresh tensors (no aliasing); no autograd (frozen weights).
+# costs several times this one's dispatch a call even with a plain CPU kernel, and
+# a decode step of SmolLM2-135M makes 211 calls of small kernels (docs/PERFORMANCE.md).
+# The body returns fresh tensors (no aliasing); no autograd (frozen weights).
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
 _LIB.define("linear_int4(Tensor x, Tensor qweight, Tensor scales_zeros, SymInt group_size, "
             "str layout=\"nibble\", Tensor? bias=None) -> Tensor")
@@ -443,9 +440,8 @@ def exact_cpu_arithmetic():
 def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation dtype PyTorch's packed CPU int8/int4 kernels run in for ``dtype`` inputs.
 
-    fp32 activations go in as bf16: those kernels' fp32 paths are 4x (int8) to 40x
-    (int4) slower than their bf16 paths at decode shapes on an AVX-512 CPU (576 x 1536,
-    one row: int4 2.0 ms fp32 vs 0.05 ms bf16), and a weight-only quantized layer has
+    fp32 activations go in as bf16: those kernels' fp32 paths are many times slower
+    than their bf16 paths at decode shapes (docs/PERFORMANCE.md), and a weight-only quantized layer has
     already traded more precision than bf16 rounding of its input costs.
     ``LLMOPT_QUANT_CPU_DTYPE=float32`` or :func:`exact_cpu_arithmetic` keep fp32.
     """

@@ -586,8 +586,8 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> "triton.Config"
 
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class. Chosen by
 # compiling every kernel for sm_90 and keeping the configurations without register spills
-# and within the 227 KiB shared-memory limit of H100/H200 (see bench/attention.py for
-# measured throughput).
+# and within the 227 KiB shared-memory limit of H100/H200 (throughput: bench/attention.py,
+# docs/PERFORMANCE.md).
 # Forward / dQ: BLOCK_M = query block (per program), BLOCK_N = key block (inner loop).
 # dK/dV:        BLOCK_M = query block (inner loop),  BLOCK_N = key block (per program).
 _FWD_BY_D = {

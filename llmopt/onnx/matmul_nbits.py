@@ -13,9 +13,8 @@ conversions from llmopt's quantized weights to its format.
 llmopt's int4 format (``kernels/quantized_linear.py``) is
 ``W = (q - 8) * s + z``: the default zero point, plus a per-block float offset
 ``z``. Folding ``z`` into a float zero point (``8 - z / s``) is exact but takes
-ONNX Runtime's CPU kernel off its fast path (measured on SmolLM2's 49152 x 576
-vocabulary projection, one row: 98 ms, against 3.4 ms without zero points and
-8.4 ms for the fp32 MatMul), and an integer zero point would change the
+ONNX Runtime's CPU kernel off its fast path (slower than the fp32 MatMul;
+docs/PERFORMANCE.md), and an integer zero point would change the
 weights. So a converted layer is ``MatMulNBits(x)`` (default zero point) plus
 ``block_offsets(x) = (x summed over each block) @ z.T``, a ``(.., n_blocks) x
 (n_blocks, N)`` product: exact, and small next to the layer. The nibble

@@ -47,8 +47,7 @@ class OnnxCausalLM:
     providers: Optional[Sequence[str]] = None
     threads: Optional[int] = None  # intra-op threads (default: onnxruntime's choice)
     # onnxruntime's worker threads spin while waiting for work (its default): fastest on
-    # an idle machine, slow on a busy one (measured on a shared 2-core VM: 12.6 tokens/s
-    # with spinning, 22.5 without, SmolLM2 fp32).
+    # an idle machine, slow on a busy one (docs/PERFORMANCE.md).
     spin: bool = True
     session: object = field(init=False, repr=False)
 

@@ -20,8 +20,7 @@ q/k/v and gate/up projections), share one call: their quantized weights are
 stacked along the output features and each layer's output is a ``narrow`` of
 the call's. Rows are quantized independently in every mode that merges
 (int8, int4, fp8), so the weights are the same as apart; decode saves the
-per-call cost of 3 of the 7 calls per layer (SmolLM2 int4 on 2 CPU cores:
-~82 -> ~91 tokens/s in an ad-hoc A/B run).
+per-call cost of 3 of the 7 calls per layer (its effect: docs/PERFORMANCE.md).
 
 Left alone, with the reason: graphs that compute gradients (quantized
 weights are constants and would get none), weights that are not parameters,

@@ -30,16 +30,10 @@ worse. The candidates are quantized by the pipeline's own int4 GPTQ (the
 ``"mse"`` grids, then GPTQ from the Hessian of the scaled inputs) by default:
 AWQ's cheap stand-in, round to nearest on min..max grids (``search="rtn"``),
 picks much larger alphas (0.3-0.5 on SmolLM2 at g128), which do not suit
-GPTQ (perplexity 33.5 against 32.75 unscaled, first 2048 tokens of
-Macbeth), while the GPTQ-judged search picks 0-0.3 and lowers it (32.5).
-
-Measured on SmolLM2 int4 g128, lm_head float, 4096 tokens of Macbeth
-(bench/quality.py, fp32 30.31, GPTQ 32.91): scaling searched on 2048
-tempest tokens, then GPTQ, 32.52; searched on 8192 tokens, 33.10; with 48
-grid-tuning steps after GPTQ (31.5k tokens), 32.29 and 31.89 for those two
-searches, against 31.96 without scaling (+5.45%; 31.89 is +5.2%). The
-effect is within what any small change of the grids does to this model
-(about a point either way), so nothing applies it by default.
+GPTQ, while the GPTQ-judged search picks 0-0.3. On SmolLM2 the effect is
+within what any small change of the grids does to its perplexity
+(bench/quality.py's ``awq`` rows; docs/PERFORMANCE.md), so nothing applies
+it by default.
 
 Blocks run one at a time on cached hidden states
 (:class:`~llmopt.quantization.calibration.BlockInputs`), each on the outputs

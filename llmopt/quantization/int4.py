@@ -22,8 +22,8 @@ A group of ``g`` weights along the input features gets a 16-level grid
 
 :func:`refit_grids` re-solves a row's grids for fixed levels under the full
 Hessian (the exact least-squares optimum of GPTQ's objective); it lowers that
-objective by a few percent but did not lower SmolLM2's perplexity (measured
-33.0 against 32.9 at g128), so no method uses it by default. What did help is
+objective by a few percent but did not lower SmolLM2's perplexity
+(docs/PERFORMANCE.md), so no method uses it by default. What did help is
 tuning the grids end to end (:mod:`llmopt.quantization.tune`).
 
 Each grid is made exact in bfloat16 before any weight is rounded onto it:
@@ -54,7 +54,7 @@ LEVELS = 15  # q in 0..15
 COARSE_SHRINK = (1.0, 0.9, 0.8, 0.7)
 FINE_STEP = 0.05
 # GPTQ: dampening added to the Hessian's diagonal, as a fraction of its mean;
-# the paper's 1% fits this int4 grid less well than 10% on SmolLM2 (measured).
+# the paper's 1% fits this int4 grid less well than 10% on SmolLM2 (docs/PERFORMANCE.md).
 DAMP = 0.1
 GPTQ_BLOCK = 128  # columns rounded between two updates of all the columns after them
 _TINY = 1e-12  # an all-equal group gets a tiny step instead of dividing by zero

@@ -39,8 +39,8 @@ def sample(
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled_rows) < len(params):
         # fp32 and bf16/fp16 order the same values the same way: no cast needed.
-        # max(dim) returns argmax's indices (the first maximum) about 5x faster on
-        # CPU (64 x 49152 logits: 1.5 ms against 7.6 ms, one thread).
+        # max(dim) returns argmax's indices (the first maximum), faster than argmax
+        # on CPU (docs/PERFORMANCE.md).
         tokens = logits.max(dim=-1).indices.tolist()
     else:
         tokens = [0] * len(params)

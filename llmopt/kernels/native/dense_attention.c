@@ -1,6 +1,7 @@
 /* Attention of a few query rows (decode, short appends) against a dense KV tensor,
- * for llmopt::attention on CPU. PyTorch's CPU flash kernel costs ~80 us a call at
- * these sizes (one query row against a few hundred keys), which is setup, not math.
+ * for llmopt::attention on CPU. PyTorch's CPU flash kernel spends most of a call at
+ * these sizes (one query row against a few hundred keys) on setup, not math
+ * (docs/PERFORMANCE.md).
  *
  * Work item = (batch, kv head): the GQA group's query heads and all their query
  * rows (group * Lq <= MAX_ROWS) share each key/value row as it streams past.

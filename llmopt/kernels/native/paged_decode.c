@@ -73,7 +73,7 @@ static inline __attribute__((always_inline)) void attend_rows_impl(item_state *s
 }
 
 /* The common shapes get their own copy with the sizes known to the compiler, which then
- * unrolls the head_dim loops and keeps the queries in registers (about 1.4x faster). */
+ * unrolls the head_dim loops and keeps the queries in registers (docs/PERFORMANCE.md). */
 static void attend_rows(item_state *st, const float *restrict k, const float *restrict v, int64_t stride,
                         int64_t rows, int group, int64_t head_dim) {
     if (head_dim == 64 && group == 3) attend_rows_impl(st, k, v, stride, rows, 3, 64);
@@ -84,7 +84,7 @@ static void attend_rows(item_state *st, const float *restrict k, const float *re
 
 /* Blocks sit anywhere in the pool, so the hardware prefetcher cannot guess the next
  * one: ask for its rows while this block is computed (into L1; a further distance
- * or a lower cache level measured no better). */
+ * or a lower cache level did no better). */
 static inline void prefetch_rows(const char *first, int64_t stride_bytes, int64_t rows, int64_t row_bytes) {
     for (int64_t t = 0; t < rows; ++t)
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(first + t * stride_bytes + off, 0, 3);
