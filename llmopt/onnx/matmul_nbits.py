@@ -144,7 +144,7 @@ def _nibbles_from_cpu_tiled(packed: Tensor, groups: int, group_size: int) -> Ten
     scale 1 and every zero 8 it computes ``W = (q - 8) * 1 + 8 = q``, and
     multiplying the identity by ``W.T`` reads ``q`` back. In bf16, which holds
     0..15 and the one-term sums exactly and runs the kernel's fast path (its
-    fp32 path takes ~25 s for a 49152 x 576 vocabulary projection); in row
+    fp32 path is far slower: docs/PERFORMANCE.md); in row
     chunks, to bound the identity's size.
     """
     n = packed.shape[0]

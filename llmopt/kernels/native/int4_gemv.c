@@ -43,9 +43,9 @@
 #define BLOCK_BYTES 256 /* 4 chunks: 32 columns of 16 rows */
 #define ROWS 4 /* activation rows per pass over a tile */
 /* Software prefetch distances (bytes ahead in the weight and scale streams). A
- * decode step streams the whole model from memory; on the Xeon this was tuned on
- * (1 thread, 30 layers of SmolLM2-135M) they cut the time by ~15% over the
- * hardware prefetcher alone. Prefetches past the end are harmless. */
+ * decode step streams the whole model from memory; the hardware prefetcher alone
+ * falls behind (tuned on a Xeon: docs/PERFORMANCE.md). Prefetches past the end are
+ * harmless. */
 #define WEIGHT_PREFETCH 4096
 #define SCALE_PREFETCH 2048
 
