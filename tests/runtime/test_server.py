@@ -450,3 +450,104 @@ def test_real_server_concurrent_clients(real_client):
     for thread in threads:
         thread.join(300)
     assert [together[i] for i in range(len(prompts))] == alone
+
+
+# --- the server's contract beyond generation ---------------------------------------------
+
+
+def raw_request(server, method, path, payload=None, headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    data = None if payload is None else json.dumps(payload).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    result = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return result
+
+
+def test_api_key(engine):
+    server = build_server(engine, "127.0.0.1", 0, api_key="sekrit")
+    server.start()
+    try:
+        status, headers, body = raw_request(server, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 1})
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert raw_request(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert raw_request(server, "GET", "/health")[0] == 200  # health and metrics stay open
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekrit", max_retries=0, timeout=20)
+        assert client.completions.create(model=MODEL, prompt="a", max_tokens=2).choices[0].text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        server.close()
+
+
+def test_a_full_queue_is_503_with_retry_after(engine):
+    engine.step_s = 0.02
+    server = build_server(engine, "127.0.0.1", 0, max_waiting=1)  # the fake engine has no config: 128 + 1
+    server.start()
+    try:
+        status, headers, body = raw_request(server, "POST", "/v1/completions",
+                                            {"prompt": [[5]] * 2, "n": 16, "max_tokens": 1})
+        assert status == 200  # 32 sequences fit
+        serving = server.app.state.serving
+        serving.max_pending = 3
+        status, headers, body = raw_request(server, "POST", "/v1/completions", {"prompt": "a", "n": 4})
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["error"]["code"] == "queue_full"
+    finally:
+        server.close()
+
+
+def test_body_limit_content_type_and_methods(engine):
+    server = build_server(engine, "127.0.0.1", 0, max_body_bytes=1000)
+    server.start()
+    try:
+        status, _, body = raw_request(server, "POST", "/v1/completions", {"prompt": "a" * 2000})
+        assert status == 413 and json.loads(body)["error"]["type"] == "invalid_request_error"
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+        connection.request("POST", "/v1/completions", body=b'{"prompt": "a"}', headers={"Content-Type": "text/plain"})
+        response = connection.getresponse()
+        assert response.status == 415 and "error" in json.loads(response.read())
+        for method in ("PUT", "DELETE", "PATCH"):
+            status, headers, body = raw_request(server, method, "/v1/completions", {"prompt": "a"})
+            assert status == 405 and json.loads(body)["error"]["message"]
+    finally:
+        server.close()
+
+
+def test_n_prompt_lists_echo_and_logprobs(client, engine):
+    answer = client.completions.create(model=MODEL, prompt=["ab", "abc"], max_tokens=3, n=2, seed=100)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    assert [c.text for c in answer.choices] == [expected_text(3, 3), expected_text(4, 3), expected_text(4, 3),
+                                                expected_text(5, 3)]  # seed + i per choice
+    assert answer.usage.prompt_tokens == 3 + 4 and answer.usage.completion_tokens == 12
+    echo = client.completions.create(model=MODEL, prompt="ab", max_tokens=2, echo=True)
+    assert echo.choices[0].text == "ab" + expected_text(3, 2)
+    with_logprobs = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, logprobs=2)
+    logprobs = with_logprobs.choices[0].logprobs
+    assert logprobs.tokens == list(expected_text(3, 3)) and len(logprobs.top_logprobs[0]) == 2
+    assert logprobs.text_offset == [0, 1, 2]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=1)
+    assert [entry.token for entry in chat.choices[0].logprobs.content] == list(chat.choices[0].message.content)
+    best = client.completions.create(model=MODEL, prompt="ab", max_tokens=3, n=1, best_of=3, seed=100)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+    streamed = list(client.completions.create(model=MODEL, prompt="ab", max_tokens=3, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == {0: expected_text(3, 3), 1: expected_text(3, 3)}
+
+
+def test_metrics_endpoint(server, client):
+    client.completions.create(model=MODEL, prompt="ab", max_tokens=3)
+    status, headers, body = raw_request(server, "GET", "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("llmopt_num_requests_running", "llmopt_num_requests_waiting", "llmopt_kv_blocks_used",
+                 "llmopt_kv_blocks_free", "llmopt_prefix_cache_hit_rate", "llmopt_prompt_tokens_total",
+                 "llmopt_generation_tokens_total", "llmopt_time_to_first_token_seconds_bucket",
+                 "llmopt_time_per_output_token_seconds_bucket"):
+        assert name in text
+    assert 'llmopt_generation_tokens_total{model_name="fake-model"} 3.0' in text
