@@ -11,6 +11,15 @@ UTF-8 bytes across tokens. When the new text ends in U+FFFD (a character whose
 bytes are not all there yet) it is held back and the window grows until the
 character is whole; otherwise the window slides forward.
 
+Where the tokenizer is a Hugging Face fast tokenizer and ``tokenizers``'
+``DecodeStream`` gives it the same text (checked once per tokenizer on a
+probe of spaces, newlines, accents, CJK and emoji, with and without special
+tokens: ``decode_stream_matches``), each new token goes through
+``DecodeStream.step`` instead: one small decode a token in Rust, which also
+holds back an unfinished character. The window above is kept in step (it
+slides whenever the stream hands out text) and finishes the text when the
+request ends with bytes still held.
+
 Stop strings hold back text too: the end of the text that could be the start
 of a stop string is not handed out until the next tokens show it is not one,
 so a streaming client never sees part of a stop string.
@@ -18,12 +27,46 @@ so a streaming client never sees part of a stop string.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Iterable
 from typing import Any
 
 from llmopt.runtime.sampling_params import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
+_PROBE = "Hello, world!  Two  spaces,\ttab\nnew line; caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001F389\U0001F680 x\u0301 end."
+_stream_ok: dict[tuple[int, bool], bool] = {}  # (id(backend tokenizer), skip_special_tokens) -> DecodeStream fits
+logger = logging.getLogger("llmopt.detokenizer")
+
+
+def _backend(tokenizer: Any):
+    """The ``tokenizers.Tokenizer`` behind a Hugging Face fast tokenizer, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None and hasattr(backend, "decode") else None
+
+
+def decode_stream_matches(tokenizer: Any, skip_special_tokens: bool) -> bool:
+    """True if ``DecodeStream`` gives this tokenizer's ``decode`` text on a probe (cached per tokenizer)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return False
+    key = (id(backend), skip_special_tokens)
+    if key not in _stream_ok:
+        try:
+            from tokenizers.decoders import DecodeStream
+
+            ids = list(tokenizer.encode(_PROBE, add_special_tokens=False))
+            specials = [i for i in getattr(tokenizer, "all_special_ids", [])[:2]]
+            ids = ids[:5] + specials + ids[5:] + specials
+            stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            text = "".join(stream.step(backend, i) or "" for i in ids)
+            _stream_ok[key] = text == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        except Exception:  # an older tokenizers, or a tokenizer DecodeStream cannot drive
+            _stream_ok[key] = False
+        if not _stream_ok[key]:
+            logger.info("detokenizer: DecodeStream differs from decode for %s; using windowed decode",
+                        type(tokenizer).__name__)
+    return _stream_ok[key]
 
 StopResult = tuple[str, str | int]
 
@@ -60,6 +103,12 @@ class IncrementalDetokenizer:
         self._stop: StopResult | None = None
         self._stop_token_ids = frozenset(params.stop_token_ids)
         self._max_stop_len = max(map(len, params.stop), default=0)
+        self._stream = None  # tokenizers' DecodeStream, where it gives decode's text
+        if decode_stream_matches(tokenizer, params.skip_special_tokens):
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
+            self._backend = _backend(tokenizer)
 
     @property
     def text(self) -> str:
@@ -78,7 +127,7 @@ class IncrementalDetokenizer:
         if token_id in self._stop_token_ids and not self.params.include_stop_str_in_output:
             return ""  # its text never shows; check_stop ends the request
         self._text_ids.append(token_id)
-        new_text = self._decode_window(complete_only=True)
+        new_text = self._step(token_id)
         if not new_text:
             return ""
         old_len = len(self._decoded)
@@ -129,6 +178,21 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def _step(self, token_id: int) -> str:
+        """The text the new token completes ("" while a character is unfinished)."""
+        if self._stream is None:
+            return self._decode_window(complete_only=True)
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception:  # e.g. an id the backend does not know: back to the window for good
+            self._stream = None
+            return self._decode_window(complete_only=True)
+        if not text:
+            return ""
+        # The window follows the stream, so flush can finish held bytes the usual way.
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._text_ids)
+        return text
 
     def _decode_window(self, complete_only: bool) -> str:
         """Text of ``_text_ids[read_offset:]``, sliding the window when it is whole.

@@ -227,3 +227,22 @@ def test_of_several_stop_strings_the_first_to_end_wins(tok):
     # Both complete in the same token (" world"): "orl" starts later but ends first.
     det, _, stop = stream(tok, ids, SamplingParams(stop=["world", "orl"]))
     assert stop == ("stop", "orl") and det.text == "Hello w"
+
+
+def test_smollm2_goes_through_decode_stream(tok):
+    """SmolLM2's tokenizer passes the probe, so the deltas above came from tokenizers' DecodeStream."""
+    from llmopt.runtime.detokenizer import decode_stream_matches
+
+    assert decode_stream_matches(tok, True) and decode_stream_matches(tok, False)
+    assert IncrementalDetokenizer(tok, [], DEFAULT)._stream is not None
+
+
+def test_a_tokenizer_without_a_backend_uses_the_window():
+    class Bytes:  # a slow tokenizer: no backend_tokenizer
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode(errors="replace")
+
+    det = IncrementalDetokenizer(Bytes(), [], DEFAULT)
+    assert det._stream is None
+    ids = list("café 🎉".encode())
+    assert "".join(det.add(i) for i in ids) + det.flush() == "café 🎉"
