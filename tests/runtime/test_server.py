@@ -551,3 +551,22 @@ def test_metrics_endpoint(server, client):
                  "llmopt_time_per_output_token_seconds_bucket"):
         assert name in text
     assert 'llmopt_generation_tokens_total{model_name="fake-model"} 3.0' in text
+
+
+def test_without_the_serve_extra_the_error_names_it(monkeypatch):
+    from llmopt.runtime import server as server_module
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    with pytest.raises(server_module.MissingServeExtra, match=r"llmopt\[serve\]"):
+        server_module.serve({"model": "smollm2"}, "127.0.0.1", 0)
+
+
+def test_a_port_in_use_is_a_bind_error_before_the_model_loads():
+    from llmopt.runtime.server import BindError, bind_socket
+
+    taken = bind_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(BindError, match="cannot serve on 127.0.0.1"):
+            bind_socket("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
