@@ -37,6 +37,8 @@ def test_example_runs_and_passes_its_check(script):
         pytest.importorskip("onnxruntime")
     if script == "serve_openai.py":
         pytest.importorskip("openai")
+        pytest.importorskip("fastapi")  # llmopt serve needs its extra: pip install 'llmopt[serve]'
+        pytest.importorskip("uvicorn")
     arguments, passed = RUNS[script]
     run = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
