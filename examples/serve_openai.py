@@ -14,6 +14,8 @@ equals the non-streamed one, then shuts the server down.
 ``--tiny`` saves a random 2-layer Llama and a byte-level tokenizer (with a
 small chat template) to a temporary folder and serves that (``--model DIR``):
 its text is noise, but the server, engine and protocol are the real ones.
+
+Needs the server's extra and the client: ``pip install 'llmopt[serve]' openai``.
 """
 
 from __future__ import annotations
