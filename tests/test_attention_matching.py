@@ -263,7 +263,7 @@ class TrainingDropout(torch.nn.Module):
 
 @pytest.mark.parametrize("form", ["sdpa", "handwritten"])
 def test_training_dropout_is_fused_with_the_seeded_mask(form):
-    from llmopt.kernels.attention import attention_reference
+    from oracles import attention_reference
 
     module = TrainingDropout(form)
     q, k, v = _qkv(kv_heads=2, requires_grad=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmopt.kernels.attention import attention_reference
+from oracles import attention_reference
 
 # fp64 in, fp64 out: both sides are exact up to summation order, so errors are
 # a few ulps of values of size O(1); 1e-10 leaves room while catching any bug.

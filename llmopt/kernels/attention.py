@@ -39,8 +39,11 @@ import torch
 from torch import Tensor
 
 from llmopt.kernels import attention_dropout
+from llmopt.kernels.attention_masks import dense_mask as _dense_mask
+from llmopt.kernels.attention_masks import fold_mask as _fold_mask
+from llmopt.kernels.attention_masks import four_dims as _four_dims
 
-__all__ = ["attention", "attention_backward", "attention_reference", "new_dropout_seed"]
+__all__ = ["attention", "attention_backward", "new_dropout_seed"]
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -258,49 +261,6 @@ class _CpuLayout:
         return dk.sum(0).reshape(batch, kv_heads, *dk.shape[2:])
 
 
-def _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, device):
-    """Combine the user mask and the causal offset into one 4-D additive mask, or None.
-
-    Runs on every call (every layer of every decode step), so it stays at a
-    couple of tensor ops.
-    """
-    if attn_mask is None and causal_offset is None:
-        return None
-    allowed, additive = None, None
-    if attn_mask is not None:
-        attn_mask = _four_dims(attn_mask)
-        if attn_mask.dtype == torch.bool:
-            allowed = attn_mask
-        else:
-            additive = attn_mask.to(dtype)
-    if causal_offset is not None:
-        rows = torch.arange(q_len, device=device).unsqueeze(1)
-        cols = torch.arange(k_len, device=device).unsqueeze(0)
-        causal = (cols <= rows + causal_offset)[None, None]
-        allowed = causal if allowed is None else allowed & causal
-    if allowed is None:
-        return additive
-    if additive is None:
-        additive = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, additive, torch.full((), float("-inf"), dtype=dtype, device=device))
-
-
-def _four_dims(mask):
-    """A mask of fewer dimensions with leading 1s, as broadcasting would read it."""
-    return mask if mask.dim() >= 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-
-
-def _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len):
-    mask_batch = mask.shape[0]
-    if mask.shape[1] == 1:
-        mask = mask.expand(mask_batch, group, q_len, k_len).reshape(mask_batch, 1, group * q_len, k_len)
-    else:
-        mask = mask.expand(mask_batch, q_heads, q_len, k_len).reshape(
-            mask_batch, kv_heads, group * q_len, k_len
-        )
-    return mask
-
-
 def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
     native = _native_rows_attention(q, k, v, attn_mask, causal_offset, scale)
     if native is not None:
@@ -394,32 +354,3 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offse
         scale=layout.scale,
     )
     return layout.rows_out(dq, q.shape[2]), layout.key_grad_out(dk), layout.key_grad_out(dv)
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def attention_reference(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0,
-                        dropout_seed=None):
-    """Plain PyTorch attention with the same contract, for tests (materialises heads).
-
-    With dropout, the keep-mask is the one the op draws for ``dropout_seed``
-    (drawn in the op's folded layout, which reshapes to (B, Hq, Lq, Lk)).
-    """
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, scores.dtype, q.device)
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    if dropout_p > 0:
-        folded = (batch, kv_heads, group * q_len, k_len)
-        keep = attention_dropout.dropout_keep_mask(dropout_seed, folded, dropout_p, q.device)
-        probs = probs * keep.reshape(probs.shape) / (1.0 - dropout_p)
-    return probs @ v, lse

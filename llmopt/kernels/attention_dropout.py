@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from llmopt.kernels.attention_masks import dense_mask, fold_mask
+
 
 def dropout_keep_mask(seed: Tensor, shape, p: float, device) -> Tensor:
     """The keep-mask (True = kept) for one call: a pure function of ``seed``."""
@@ -23,16 +25,14 @@ def dropout_keep_mask(seed: Tensor, shape, p: float, device) -> Tensor:
 
 
 def _folded(q, k, attn_mask, causal_offset, scale):
-    from llmopt.kernels.attention import _dense_mask, _fold_mask
-
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, _acc(q), q.device)
+    mask = dense_mask(attn_mask, causal_offset, q_len, k_len, _acc(q), q.device)
     q_f = q.reshape(batch, kv_heads, group * q_len, head_dim)
     if mask is not None and group > 1:
-        mask = _fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len)
+        mask = fold_mask(mask, batch, q_heads, kv_heads, group, q_len, k_len)
     return q_f, mask, scale
 
 

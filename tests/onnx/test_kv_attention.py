@@ -4,7 +4,7 @@ rounding shows: observed <= 1e-14; the tolerance is torch's fp64 default)."""
 
 import torch
 
-from llmopt.kernels.attention import attention_reference
+from oracles import attention_reference
 from llmopt.onnx.kv_attention import attention_kv_cache
 
 F64 = torch.float64
