@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine, versions, write_record  # noqa: E402
+from common import machine, versions, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"llmopt serve: ready on http://127\.0\.0\.1:(\d+), model (\S+)")

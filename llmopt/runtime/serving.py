@@ -136,7 +136,6 @@ class OpenAIServing:
     def _admit(self, batch: _Batch) -> None:
         n = len(batch.sequences)
         if self.metrics.pending + n > self.max_pending:
-            self.metrics.error(HTTPStatus.SERVICE_UNAVAILABLE)
             raise RequestError(f"the server's queue is full ({self.metrics.pending} sequences in flight, at most "
                                f"{self.max_pending}); retry later", status=HTTPStatus.SERVICE_UNAVAILABLE,
                                type="server_error", code="queue_full", headers={"Retry-After": "1"})
