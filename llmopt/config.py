@@ -11,15 +11,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from llmopt.backends.tensorrt_settings import TensorRTSettings
+from llmopt.errors import LLMOptConfigError, check_bool, checked_fields, quoted
+from llmopt.kernels.options import KernelOptions
+from llmopt.pruning.config import backend_prune_config
+from llmopt.quantization.config import check_backend_options
+
+__all__ = ["LLMOptConfig", "LLMOptConfigError", "PASS_NAMES", "checked_fields"]
+
 # Lowering targets the rewritten graph can be handed to. "onnx" is named so
 # that its error can point to the ONNX export, which is not a torch.compile
 # lowering (it writes a file rather than returning something to run).
 LOWERING_TARGETS = ("inductor", "eager", "tensorrt", "onnx")
 AVAILABLE_LOWERING_TARGETS = ("inductor", "eager", "tensorrt")
 
-
-class LLMOptConfigError(ValueError):
-    """A bad option passed to the llmopt backend."""
+# The pipeline's passes, in order (rewriter/pipeline.py's PIPELINE checks it has
+# exactly these): named here so that 'disable_passes' is checked without
+# importing the passes.
+PASS_NAMES = ("fuse_attention", "page_kv_cache", "prune_linear", "quantize_linear", "eliminate_dead_code")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,18 @@ class LLMOptConfig:
         quantized_weights: weights quantized and saved before
             (``llmopt.quantization.save_quantized``), as a file path or a
             ``QuantizedWeights``: installed as they are, not re-quantized.
+        kernels: which implementation each op runs: a dict /
+            :class:`llmopt.kernels.options.KernelOptions` (``attention``,
+            ``paged_attention``, ``native``), over the environment overrides
+            ``LLMOPT_ATTENTION_IMPL`` / ``LLMOPT_NATIVE`` read once here.
+            Resolved per site when the graph is compiled and recorded in the
+            Report (see ``kernels/dispatch.py``).
+
+    Each option group is validated by its own dataclass, in its feature's
+    package: ``prune`` (``pruning/config.py``), ``quantize``/``group_size``/
+    ``quantize_skip`` (``quantization/config.py``), ``tensorrt``
+    (``backends/tensorrt_settings.py``), ``kernels`` (``kernels/options.py``);
+    the error type and shared checks are in the leaf ``llmopt/errors.py``.
     """
 
     lower: str = "inductor"
@@ -75,6 +96,7 @@ class LLMOptConfig:
     quantize_skip: tuple[str, ...] = field(default_factory=tuple)
     quantized_weights: Any = None
     tensorrt: Any = None
+    kernels: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("lower", self.lower, LOWERING_TARGETS)
@@ -89,23 +111,16 @@ class LLMOptConfig:
                 f"version of llmopt; choose one of {_quoted(AVAILABLE_LOWERING_TARGETS)}"
             )
         for name in ("strict", "attention", "verify", "paged_kv"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise LLMOptConfigError(f"option {name!r} must be True or False, got {value!r}")
+            check_bool(name, getattr(self, name))
         if self.prune is not None:
-            from llmopt.pruning.config import backend_prune_config  # late: it imports this module
-
             object.__setattr__(self, "prune", backend_prune_config(self.prune))
-        from llmopt.quantization.config import check_backend_options  # late: it imports this module
-
+        object.__setattr__(self, "kernels", KernelOptions.from_options(self.kernels))
         object.__setattr__(self, "quantize_skip", check_backend_options(self))
         if self.tensorrt is not None:
             if self.lower != "tensorrt":
                 raise LLMOptConfigError(
                     f"option 'tensorrt' applies only with lower='tensorrt', not lower={self.lower!r}"
                 )
-            from llmopt.backends.tensorrt import TensorRTSettings  # late: it imports this module
-
             object.__setattr__(self, "tensorrt", TensorRTSettings.from_options(self.tensorrt))
         disabled = self.disable_passes
         if isinstance(disabled, str) or not all(isinstance(p, str) for p in disabled):
@@ -113,10 +128,8 @@ class LLMOptConfig:
                 f"option 'disable_passes' must be a list of pass names, got {disabled!r}"
             )
         object.__setattr__(self, "disable_passes", tuple(disabled))
-        from llmopt.rewriter.pipeline import pass_names  # late: pipeline imports passes
-
         for name in self.disable_passes:
-            _check_choice("disable_passes", name, pass_names())
+            _check_choice("disable_passes", name, PASS_NAMES)
 
     @classmethod
     def from_options(cls, options: "Mapping[str, Any] | LLMOptConfig | None") -> "LLMOptConfig":
@@ -137,20 +150,7 @@ class LLMOptConfig:
 
 def _check_choice(option: str, value: Any, choices) -> None:
     if value not in choices:
-        raise LLMOptConfigError(
-            f"option {option!r} got {value!r}; valid choices are {_quoted(choices)}"
-        )
+        raise LLMOptConfigError(f"option {option!r} got {value!r}; valid choices are {quoted(choices)}")
 
 
-def checked_fields(cls, options: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``options`` as keyword arguments of the dataclass ``cls``; an unknown key raises,
-    naming ``what`` it is and the valid ones (so a typo is not silently ignored)."""
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in options:
-        if key not in known:
-            raise LLMOptConfigError(f"unknown {what} {key!r}; valid options are {_quoted(known)}")
-    return dict(options)
-
-
-def _quoted(names) -> str:
-    return ", ".join(repr(n) for n in names)
+_quoted = quoted

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from llmopt.config import LLMOptConfigError, checked_fields
+from llmopt.errors import LLMOptConfigError, checked_fields
 
 METHODS = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4", "heads", "channels")

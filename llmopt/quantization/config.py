@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from llmopt.config import LLMOptConfigError
+from llmopt.errors import LLMOptConfigError
 
 MODES = ("int8", "int4", "fp8", "w8a8")
 METHODS = ("rtn", "mse", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from llmopt.config import PASS_NAMES
 from llmopt.passes.base import GraphPass, PassContext
 from llmopt.passes.eliminate_dead_code import EliminateDeadCode
 from llmopt.passes.fuse_attention import FuseAttention
@@ -41,6 +42,10 @@ class LLMOptPassError(RuntimeError):
 
 def pass_names() -> list[str]:
     return [p.name for p in PIPELINE]
+
+
+# llmopt.config checks 'disable_passes' against its own list (it cannot import the passes).
+assert tuple(pass_names()) == PASS_NAMES, (pass_names(), PASS_NAMES)
 
 
 def run_pipeline(gm: GraphModule, ctx: PassContext, report: GraphReport) -> GraphModule:
