@@ -98,7 +98,14 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False  # accepted (vLLM's name); usage comes at the end only
+    continuous_usage_stats: StrictBool = False  # vLLM's name; only false: usage comes at the end only
+
+    @model_validator(mode="after")
+    def _check_usage_stats(self):
+        if self.continuous_usage_stats:
+            raise _FieldError("stream_options.continuous_usage_stats",
+                              "continuous_usage_stats=true is not supported by llmopt (usage comes in the last chunk)")
+        return self
 
 
 class TextPart(_Strict):
@@ -109,7 +116,7 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[TextPart], None] = None
-    name: StrictStr | None = None  # accepted, not shown to the model (OpenAI's chat templates differ)
+    name: StrictStr | None = None  # handed to the chat template, which may show it (as vLLM)
     # Defined by OpenAI, refused unless empty: llmopt has no tool calling.
     tool_calls: list[Any] | None = None
     function_call: Any = None
@@ -444,8 +451,12 @@ def chat_text(request: ChatCompletionRequest, tokenizer) -> str:
     """The chat prompt as text, from the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
-                for m in request.messages]
+    messages = []
+    for m in request.messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
+        if m.name is not None:
+            message["name"] = m.name
+        messages.append(message)
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # jinja2's TemplateError (e.g. "roles must alternate") and kin

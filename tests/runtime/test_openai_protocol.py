@@ -112,6 +112,8 @@ def test_chat_messages_and_max_completion_tokens():
     (body(prompt="a", stream_options={"include_usage": True}), "stream_options", "stream: true"),
     (body(prompt="a", stream=True, stream_options={"include_usage": 1}), "stream_options.include_usage", "boolean"),
     (body(prompt="a", ignore_eos="no"), "ignore_eos", "boolean"),
+    (body(prompt="a", stream=True, stream_options={"continuous_usage_stats": True}),
+     "stream_options.continuous_usage_stats", "not supported"),
     (body(prompt="a", stop_token_ids=[-1]), "stop_token_ids[0]", "greater than or equal to 0"),
     (body(prompt="a", model=5), "model", "valid string"),
     (body(prompt="a", user=5), "user", "valid string"),
