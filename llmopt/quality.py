@@ -20,11 +20,12 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from llmopt.calibration import read_text, tokenize  # noqa: F401  (part of this module's API)
 
 DEFAULT_CONTEXT_LENGTH = 512
 DEFAULT_STRIDE = 256
@@ -52,26 +53,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_text(path: "str | os.PathLike") -> str:
-    """The text of a file, with errors that name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"text file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a text file: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"text file is empty: {path}")
-    return text
-
-
-def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids ``(n,)`` of ``text``, with the tokenizer's default special tokens."""
-    if not text or not text.strip():
-        raise ValueError("the text is empty; perplexity needs at least 2 tokens")
-    return tokenizer(text, return_tensors="pt")["input_ids"][0]
 
 
 def perplexity(

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors (a leaf: imports nothing from llmopt)", ("llmopt.errors",)),
     ("kernels", ("llmopt.kernels",)),
     # backends.tensorrt_settings: the tensorrt option group, which llmopt.config composes
-    ("options and weight transforms", ("llmopt.config", "llmopt.quantization", "llmopt.pruning",
+    ("options and weight transforms", ("llmopt.config", "llmopt.calibration", "llmopt.quantization", "llmopt.pruning",
                                        "llmopt.backends.tensorrt_settings")),
     ("passes", ("llmopt.passes",)),
     ("rewriter and its lowering targets", ("llmopt.rewriter", "llmopt.backends")),

@@ -14,7 +14,7 @@ model whose attention the fuse pass matches follows it when called that way.
 Each ``llmopt::attention(q, k, v, mask, ...)`` on ``(1, H, T, D)`` tensors
 becomes ``llmopt::paged_attention_layer(q, k, v, layer, scale)`` on ``(T, H, D)``:
 it writes the step's K/V into the layer's cache slots and attends each
-sequence over its own blocks (see ``kernels/paged_context.py``). The model's
+sequence over its own blocks (see ``runtime/paged_context.py``). The model's
 mask (for a packed batch an O(T^2) tensor, or a per-sequence block mask) is
 no longer read; the dead-code pass removes the code that built it.
 
@@ -29,7 +29,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-import llmopt.kernels.paged_context  # noqa: F401  (registers llmopt::paged_attention_layer)
+import llmopt.kernels.paged_layer  # noqa: F401  (defines llmopt::paged_attention_layer; llmopt.runtime.paged_context implements it)
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
 from llmopt.passes.graph_utils import (
     copy_location_meta,

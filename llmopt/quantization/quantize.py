@@ -9,50 +9,23 @@ casts them to what each kernel wants when it installs them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmopt.kernels.quantized_linear import dequantize_fp8, dequantize_int4, dequantize_int8, pack_int4
+from llmopt.kernels.quantized_linear import pack_int4
 from llmopt.quantization import int4
 from llmopt.quantization.calibration import (BlockInputs, LayerStatistics, UnsupportedBlocks, collect_statistics,
                                              find_blocks)
 from llmopt.quantization.config import QuantConfig
+from llmopt.quantization.layers import QuantizedLinear
+from llmopt.quantization.storage import QuantizedWeights
+from llmopt.quantization.tune import tune_grids
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 _TINY = 1e-12  # all-zero rows / groups get a tiny scale instead of dividing by zero
-
-
-@dataclass
-class QuantizedLinear:
-    """One linear layer's quantized weight (``tensors`` as named in the kernel docs)."""
-
-    mode: str
-    in_features: int
-    out_features: int
-    tensors: dict[str, Tensor]
-    group_size: Optional[int] = None  # int4 only
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The ``(out_features, in_features)`` weight the kernels multiply by (reference)."""
-        t = self.tensors
-        if self.mode == "int4":
-            weight = dequantize_int4(t["qweight"], t["scales_zeros"], self.group_size, dtype)
-            weight = weight[:, : self.in_features]
-        elif self.mode == "fp8":
-            weight = dequantize_fp8(t["qweight"], t["scales"], dtype)
-        else:
-            weight = dequantize_int8(t["qweight"], t["scales"], dtype)
-        if "smooth" in t:  # w8a8 with SmoothQuant: the kernel divides x by it
-            weight = weight / t["smooth"].to(dtype)
-        return weight
 
 
 def quantize_weight(
@@ -168,8 +141,6 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
     SmoothQuant factors from them; ``int4`` uses them for GPTQ (the default
     method with calibration) or to weigh ``"mse"``. Other modes take none.
     """
-    from llmopt.quantization.storage import QuantizedWeights
-
     if isinstance(config, str):
         config = QuantConfig(mode=config)
     if calibration is not None and config.mode not in ("w8a8", "int4"):
@@ -193,8 +164,6 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
         if config.tune_steps:
             if calibration is None:
                 raise ValueError("tune_steps: tuning int4 grids needs calibration batches")
-            from llmopt.quantization.tune import tune_grids
-
             layers = tune_grids(model, layers, calibration, config.tune_steps)
     else:
         layers = {}

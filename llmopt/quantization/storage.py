@@ -13,34 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from llmopt.quantization.config import check_mode
-from llmopt.quantization.quantize import QuantizedLinear
+from llmopt.quantization.layers import QuantizedLinear, QuantizedWeights
 
 FORMAT = "llmopt-quantized"
 VERSION = "1"
-
-
-@dataclass
-class QuantizedWeights:
-    """Quantized linear weights keyed by module path."""
-
-    mode: str
-    group_size: Optional[int]
-    layers: dict[str, QuantizedLinear] = field(default_factory=dict)
-    method: Optional[str] = None  # how they were rounded ("rtn", "mse", "gptq"); None: not recorded
-
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers.values())
-
-    def label(self) -> str:
-        return f"int4 g{self.group_size}" if self.mode == "int4" else self.mode
 
 
 def save_quantized(weights: QuantizedWeights, path: Union[str, os.PathLike]) -> None:

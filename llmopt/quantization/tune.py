@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from llmopt.kernels.quantized_linear import unpack_int4
 from llmopt.quantization import int4
+from llmopt.quantization.layers import QuantizedLinear
 
 LEARNING_RATE = 3e-4
 
@@ -43,8 +44,6 @@ def tune_grids(model: nn.Module, layers: Mapping[str, Any], batches: Iterable[An
     are used, cycling through them. Returns new layers (same levels, new
     ``scales_zeros``); ``model`` is left as it is.
     """
-    from llmopt.quantization.quantize import QuantizedLinear
-
     batches = list(batches)
     if steps < 1 or not batches:
         raise ValueError(f"tuning int4 grids needs calibration batches and steps >= 1 (got {steps} steps)")

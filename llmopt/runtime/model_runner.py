@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmopt.kernels.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
+from llmopt.runtime.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
 from llmopt.runtime.scheduler import ScheduledSequence
 
 _MIN_TOKENS = 2  # pad single-token steps: Dynamo specialises sizes 0 and 1

@@ -1,4 +1,4 @@
-"""The serving runtime's per-step context for paged attention, and the op that reads it.
+"""The serving runtime's per-step context for paged attention, and the op's implementation.
 
 A graph compiled with ``paged_kv=True`` calls
 ``llmopt::paged_attention_layer(q, k, v, layer, scale)`` where the model had
@@ -14,6 +14,12 @@ that layer's K (KV heads, head dim, dtype): any model that follows the
 runtime's protocol gets the right cache without being described up front. A
 profile step (:attr:`PagedKVCache.layer_specs`) tells the runtime how big one
 block is before it sizes the pool.
+
+The op's schema and fake live in :mod:`llmopt.kernels.paged_layer` (what the
+paging pass and tracing need); its real implementation is registered here,
+with the state it reads, so kernels/ holds no per-step state and the passes
+never import the runtime. The model runner imports this module, so any
+process that runs a paged graph through the runtime has the implementation.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from llmopt.kernels import paged_attention as _paged  # noqa: F401  (registers llmopt::paged_attention)
+from llmopt.kernels import paged_layer as _paged_layer  # noqa: F401  (defines llmopt::paged_attention_layer)
 
 __all__ = ["LayerSpec", "PagedKVCache", "PagedStep", "paged_step", "paged_attention_layer"]
 
@@ -106,17 +113,16 @@ def _current() -> tuple[PagedKVCache, PagedStep]:
         raise RuntimeError(
             "llmopt: this model was compiled with paged_kv=True, so its attention reads the "
             "serving runtime's paged KV cache; run it through llmopt.LLM (or inside "
-            "llmopt.kernels.paged_context.paged_step) rather than calling it directly")
+            "llmopt.runtime.paged_context.paged_step) rather than calling it directly")
     return current
 
 
-@torch.library.custom_op("llmopt::paged_attention_layer", mutates_args=())
 def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: float) -> Tensor:
     """Attention of one layer over the published paged cache: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)``.
 
-    The cache write is a side effect on the runtime's cache, not on an input,
-    so the op declares no mutated arguments (a graph compiled once serves
-    every step; the caches are not graph values).
+    The implementation of ``llmopt::paged_attention_layer`` (schema in
+    :mod:`llmopt.kernels.paged_layer`): writes the step's K/V into the layer's
+    cache slots and attends each sequence over its own blocks.
     """
     cache, step = _current()
     k_cache, v_cache = cache.layer(layer, k)
@@ -135,6 +141,7 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
         step.max_seq_len, scale)
 
 
-@paged_attention_layer.register_fake
-def _(q, k, v, layer, scale):
-    return q.new_empty(q.shape)
+# One implementation for every device (the function dispatches itself); no
+# autograd: paged graphs are inference only.
+_LIB = torch.library.Library("llmopt", "IMPL")
+_LIB.impl("paged_attention_layer", paged_attention_layer, "CompositeExplicitAutograd")

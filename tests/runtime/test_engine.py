@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmopt
-from llmopt.kernels.paged_context import PagedKVCache, PagedStep, paged_step
+from llmopt.runtime.paged_context import PagedKVCache, PagedStep, paged_step
 from llmopt.models import random_handwritten_gpt, random_hf_model, random_llama
 from llmopt.runtime.llm import LLM
 from llmopt.runtime.sampling_params import SamplingParams
