@@ -24,8 +24,15 @@ handled by folding the query heads of a group into the query-length axis, so
 each key/value head is read once for its whole group. Decode-sized calls (at
 most 8 query tokens and 64 query rows per key/value head, fp32 or bf16) run in a small C kernel
 instead (``native/dense_attention.c``), which reads K/V and the mask in place
-with their strides; the flash kernel's set-up cost dominates at those sizes. On CUDA the Triton
-kernels of :mod:`llmopt.kernels.triton_flash` run.
+with their strides; the flash kernel's set-up cost dominates at those sizes.
+
+The ``impl`` argument names the implementation (``"native"``: the above;
+``"torch"``: PyTorch's CPU flash kernel only; ``"sdpa"``: PyTorch's
+``scaled_dot_product_attention`` with ``enable_gqa``, and a plain-PyTorch
+backward; ``"triton"``: the kernels of :mod:`llmopt.kernels.triton_flash`).
+The fusion pass resolves it once per site (:mod:`llmopt.kernels.dispatch`);
+``"auto"`` takes the device's default: ``"native"`` on CPU, ``"sdpa"`` on CUDA
+until the Triton kernels have a GPU record. The backward runs the forward's.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmopt.kernels import attention_dropout
+from llmopt.kernels import attention_dropout, dispatch
 from llmopt.kernels.attention_masks import dense_mask as _dense_mask
 from llmopt.kernels.attention_masks import fold_mask as _fold_mask
 from llmopt.kernels.attention_masks import four_dims as _four_dims
@@ -46,11 +53,15 @@ from llmopt.kernels.attention_masks import four_dims as _four_dims
 __all__ = ["attention", "attention_backward", "new_dropout_seed"]
 
 
-def _use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    # Lets tests drive the Triton kernels through the op on CPU, under the interpreter.
-    return os.environ.get("LLMOPT_ATTENTION_IMPL") == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's own switch (read once): lets tests run impl="triton" on CPU tensors, under the interpreter.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _impl(impl: str, q: Tensor) -> str:
+    """The implementation this call runs: the pass resolved it when the graph was
+    compiled (``impl`` is then a name, returned as is); ``"auto"`` (a direct call)
+    takes the device's default from :mod:`llmopt.kernels.dispatch`."""
+    return dispatch.resolve("attention", impl, q.device.type, triton_interpret=_TRITON_INTERPRET)
 
 
 def _attention(
@@ -62,17 +73,21 @@ def _attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
+    impl = _impl(impl, q)
     if dropout_p > 0.0:
         out, lse = attention_dropout.forward(q, k, v, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed))
-    elif _use_triton(q.device):
+    elif impl == "triton":
         from llmopt.kernels import triton_flash
 
         out, lse = triton_flash.flash_attention_forward(
             q, k, v, mask=attn_mask, causal_offset=causal_offset, scale=scale
         )
+    elif impl == "sdpa":
+        out, lse = _attention_forward_sdpa(q, k, v, attn_mask, causal_offset, scale)
     else:
-        out, lse = _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale)
+        out, lse = _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale, native=impl == "native")
     return _contiguous(out, q.dtype), _contiguous(lse, _lse_dtype(q))
 
 
@@ -81,14 +96,14 @@ def _attention(
 # than this (docs/PERFORMANCE.md).
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, SymInt? causal_offset=None, "
-            "float? scale=None, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor)",
+            "float? scale=None, float dropout_p=0., Tensor? dropout_seed=None, str impl=\"auto\") -> (Tensor, Tensor)",
             tags=(torch.Tag.pt2_compliant_tag,))
 _LIB.impl("attention", _attention, "CompositeExplicitAutograd")
 attention = torch.ops.llmopt.attention.default
 
 
 @torch.library.register_fake("llmopt::attention")
-def _(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0, dropout_seed=None):
+def _(q, k, v, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0, dropout_seed=None, impl="auto"):
     return _out_like(q), _lse_like(q)
 
 
@@ -105,17 +120,21 @@ def attention_backward(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _impl(impl, q)  # the forward's implementation: the backward uses the same one
     if dropout_p > 0.0:
         grads = attention_dropout.backward(
             grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale, dropout_p, _seed(dropout_seed)
         )
-    elif _use_triton(q.device):
+    elif impl == "triton":
         from llmopt.kernels import triton_flash
 
         grads = triton_flash.flash_attention_backward(
             grad_out, q, k, v, out, lse, mask=attn_mask, causal_offset=causal_offset, scale=scale
         )
+    elif impl == "sdpa":
+        grads = _attention_backward_sdpa(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale)
     else:
         grads = _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale)
     return tuple(_contiguous(g, x.dtype) for g, x in zip(grads, (q, k, v)))
@@ -123,7 +142,7 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask=None, causal_offset=None, scale=None, dropout_p=0.0,
-      dropout_seed=None):
+      dropout_seed=None, impl="auto"):
     return _grad_like(q), _grad_like(k), _grad_like(v)
 
 
@@ -167,10 +186,10 @@ def _seed(dropout_seed: Optional[Tensor]) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, causal_offset, scale, dropout_p, dropout_seed = inputs
+    q, k, v, attn_mask, causal_offset, scale, dropout_p, dropout_seed, impl = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, dropout_seed)
-    ctx.causal_offset, ctx.scale, ctx.dropout_p = causal_offset, scale, dropout_p
+    ctx.causal_offset, ctx.scale, ctx.dropout_p, ctx.impl = causal_offset, scale, dropout_p, impl
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -178,9 +197,10 @@ def _backward(ctx, grad_out, grad_lse):
     # rewrite never exposes it to user code, so its gradient is always zero.
     q, k, v, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
     dq, dk, dv = attention_backward(
-        grad_out, q, k, v, out, lse, attn_mask, ctx.causal_offset, ctx.scale, ctx.dropout_p, dropout_seed
+        grad_out, q, k, v, out, lse, attn_mask, ctx.causal_offset, ctx.scale, ctx.dropout_p, dropout_seed,
+        ctx.impl,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd("llmopt::attention", _backward, setup_context=_setup_context)
@@ -261,8 +281,8 @@ class _CpuLayout:
         return dk.sum(0).reshape(batch, kv_heads, *dk.shape[2:])
 
 
-def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale):
-    native = _native_rows_attention(q, k, v, attn_mask, causal_offset, scale)
+def _attention_forward_cpu(q, k, v, attn_mask, causal_offset, scale, native=True):
+    native = _native_rows_attention(q, k, v, attn_mask, causal_offset, scale) if native else None
     if native is not None:
         return native
     layout = _CpuLayout(q, k, attn_mask, causal_offset, scale)
@@ -289,15 +309,14 @@ def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     query row against a few hundred cached keys), 30 calls per decoded token;
     the native kernel reads K/V in place with strides and the mask (bool or
     additive) as a strided broadcast, and skips key chunks the mask hides.
-    Larger calls (prefill), fp16/fp64 and ``LLMOPT_ATTENTION_IMPL=torch`` keep
-    the flash kernel.
+    Larger calls (prefill), fp16/fp64 and ``impl="torch"`` keep the flash kernel.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if (q.dtype not in _NATIVE_FUNCTIONS or k.dtype != q.dtype or v.dtype != q.dtype
             or q_len > _NATIVE_MAX_QUERY_LEN or (q_heads // kv_heads) * q_len > _NATIVE_MAX_ROWS
             or head_dim > _NATIVE_MAX_HEAD_DIM
-            or k_len == 0 or os.environ.get("LLMOPT_ATTENTION_IMPL") == "torch"):
+            or k_len == 0):
         return None
     fn = _native_attention_fn(q.dtype)
     if fn is None:
@@ -354,3 +373,52 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, attn_mask, causal_offse
         scale=layout.scale,
     )
     return layout.rows_out(dq, q.shape[2]), layout.key_grad_out(dk), layout.key_grad_out(dv)
+
+
+# ----------------------------------------------------------------------------- SDPA path (CUDA default)
+
+
+def _grouped_scores(q, k, attn_mask, causal_offset, scale):
+    """Scaled, masked scores ``(B, Hq, Lq, Lk)`` in the lse dtype, KV heads not repeated
+    (each KV head's query heads are the rows of one matmul), and the scale used."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    dtype = _lse_dtype(q)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    rows = q.to(dtype).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
+    scores = (rows @ k.to(dtype).transpose(-2, -1)).mul_(scale).view(batch, q_heads, q_len, k_len)
+    mask = _dense_mask(attn_mask, causal_offset, q_len, k_len, dtype, q.device)
+    return (scores if mask is None else scores + mask), scale
+
+
+def _attention_forward_sdpa(q, k, v, attn_mask, causal_offset, scale):
+    """``F.scaled_dot_product_attention(enable_gqa=True)`` for the output, in any
+    dtype and device; the lse from the scores in fp32 (materialised: this is
+    the safe path, with eager attention's memory, until a kernel has a GPU record)."""
+    scores, used_scale = _grouped_scores(q, k, attn_mask, causal_offset, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    mask = _dense_mask(attn_mask, causal_offset, q.shape[2], k.shape[2], q.dtype, q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=used_scale, enable_gqa=q.shape[1] != k.shape[1])
+    dead = torch.isneginf(lse).unsqueeze(-1)  # rows that see no key: 0, not SDPA's NaN
+    return torch.where(dead, torch.zeros((), dtype=out.dtype, device=out.device), out), lse
+
+
+def _attention_backward_sdpa(grad_out, q, k, v, out, lse, attn_mask, causal_offset, scale):
+    """The attention backward in plain PyTorch (runs wherever the SDPA path does)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scores, used_scale = _grouped_scores(q, k, attn_mask, causal_offset, scale)
+    dtype = scores.dtype
+    probs = torch.exp(scores - lse.to(dtype).unsqueeze(-1)).nan_to_num_(0.0)  # (B, Hq, Lq, Lk)
+    g = grad_out.to(dtype)
+    p_rows = probs.reshape(batch, kv_heads, group * q_len, k_len)
+    g_rows = g.reshape(batch, kv_heads, group * q_len, head_dim)
+    dv = p_rows.transpose(-2, -1) @ g_rows
+    dp = (g_rows @ v.to(dtype).transpose(-2, -1)).view_as(probs)
+    delta = (g * out.to(dtype)).sum(-1, keepdim=True)
+    ds = (probs * (dp - delta)).mul_(used_scale).reshape(batch, kv_heads, group * q_len, k_len)
+    dq = (ds @ k.to(dtype)).view(batch, q_heads, q_len, head_dim)
+    dk = ds.transpose(-2, -1) @ q.to(dtype).reshape(batch, kv_heads, group * q_len, head_dim)
+    return dq, dk, dv

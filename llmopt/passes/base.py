@@ -23,6 +23,7 @@ class Rewrite:
     kind: str  # e.g. "attention"
     location: str  # module path in the user's model, e.g. "model.layers.0.self_attn"
     detail: str = ""
+    impl: str = ""  # the implementation the new op call runs (kernels/dispatch.py), e.g. "sdpa"
 
 
 @dataclass(frozen=True)

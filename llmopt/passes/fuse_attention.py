@@ -17,6 +17,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 import llmopt.kernels.attention  # noqa: F401  (registers llmopt::attention)
+from llmopt.kernels import dispatch
+from llmopt.kernels.attention import _TRITON_INTERPRET
 from llmopt.passes.attention_match import (
     AttentionSite,
     NotProven,
@@ -53,12 +55,24 @@ class FuseAttention(GraphPass):
             except NotProven as why:
                 result.skipped.append(Skipped(KIND, location, f"{label}: {why}"))
                 continue
-            replace_with_attention(gm.graph, site)
-            result.rewrites.append(Rewrite(KIND, location, describe(site)))
+            try:
+                impl = attention_impl(ctx.config, fake_value(site.query).device)
+            except ValueError as why:  # e.g. kernels.attention="triton" for CPU inputs
+                result.skipped.append(Skipped(KIND, location, f"{label}: {why}"))
+                continue
+            replace_with_attention(gm.graph, site, impl)
+            result.rewrites.append(Rewrite(KIND, location, describe(site), impl=impl))
         return result
 
 
-def replace_with_attention(graph: Graph, site: AttentionSite) -> Node:
+def attention_impl(config, device: torch.device) -> str:
+    """The implementation a site on ``device`` runs, decided once, here, from the
+    ``kernels`` option (``kernels/dispatch.py``)."""
+    return dispatch.resolve("attention", config.kernels.attention, device.type,
+                            triton_interpret=_TRITON_INTERPRET, native=config.kernels.native)
+
+
+def replace_with_attention(graph: Graph, site: AttentionSite, impl: str = "auto") -> Node:
     anchor = site.anchor
     new_nodes: list[Node] = []
 
@@ -85,6 +99,8 @@ def replace_with_attention(graph: Graph, site: AttentionSite) -> Node:
             dropout = (site.dropout_p, seed)
         fused = call("call_function", torch.ops.llmopt.attention.default, q, k, v, mask, site.causal_offset, scale,
                      *dropout)
+        if impl != "auto":
+            fused.kwargs = {"impl": impl}
         out = call("call_function", operator.getitem, fused, 0)
         if site.head_map == "modulo":
             out = _regroup(call, out, site.kv_heads, site.q_heads // site.kv_heads)

@@ -49,6 +49,10 @@ class Report:
             r for g in self.graphs for p in g.passes for r in p.rewrites if kind in (None, r.kind)
         ]
 
+    def impls(self, kind: str | None = None) -> dict[str, str]:
+        """Module path -> the implementation each rewritten site of ``kind`` runs."""
+        return {r.location: r.impl for r in self.rewrites(kind) if r.impl}
+
     def count(self, kind: str) -> int:
         """Number of regions of ``kind`` (e.g. ``"attention"``) rewritten."""
         return len(self.rewrites(kind))
@@ -81,7 +85,8 @@ class Report:
             for p in g.passes:
                 lines.append(f"  pass {p.name}: {p.status}, {len(p.rewrites)} rewritten, "
                              f"{len(p.skipped)} left alone ({p.seconds * 1000:.0f} ms)")
-                lines.extend(f"    + {r.kind} at {r.location}: {r.detail}" for r in p.rewrites)
+                lines.extend(f"    + {r.kind} at {r.location}: {r.detail}"
+                             + (f" [impl {r.impl}]" if r.impl else "") for r in p.rewrites)
                 lines.extend(f"    - {s.kind} at {s.location}: {s.reason}" for s in p.skipped)
                 lines.extend(f"    . {n}" for n in p.notes)
             lines.append("  ops (before -> after):")

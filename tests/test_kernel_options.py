@@ -1,0 +1,204 @@
+"""The typed option groups, the ``kernels`` group and its one dispatch function,
+the implementation each rewritten site runs (recorded in the Report), and the
+PyTorch paths CUDA inputs default to, checked on CPU against the fp64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmopt
+from llmopt.config import LLMOptConfig, LLMOptConfigError
+from llmopt.kernels import dispatch
+from llmopt.kernels.options import KernelOptions
+from llmopt.models import random_llama
+from oracles import attention_reference
+
+
+# ----------------------------------------------------------------------------- errors per group
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kernels": {"attn": "sdpa"}}, "unknown kernels option 'attn'; valid options are 'attention'"),
+    ({"kernels": {"attention": "flash"}}, "kernels option 'attention' got 'flash'; valid choices are 'auto', 'native'"),
+    ({"kernels": {"paged_attention": "sdpa"}}, "kernels option 'paged_attention' got 'sdpa'"),
+    ({"kernels": {"native": "no"}}, "kernels option 'native' must be True or False"),
+    ({"kernels": "sdpa"}, "option 'kernels' must be a dict of kernel options"),
+    ({"prune": {"method": "random"}}, "prune option 'method' got 'random'"),
+    ({"prune": {"sparsty": 0.5}}, "unknown prune option 'sparsty'"),
+    ({"lower": "tensorrt", "tensorrt": {"precision": "int3"}}, "tensorrt option 'precision' got 'int3'"),
+    ({"lower": "tensorrt", "tensorrt": {"min_blocks": 3}}, "unknown tensorrt option 'min_blocks'"),
+    ({"quantize": "int5"}, "option 'quantize'"),
+    ({"quantize": "int4", "group_size": 7}, "group_size"),
+])
+def test_each_group_rejects_unknown_keys_and_bad_values(options, message):
+    with pytest.raises(LLMOptConfigError, match=message):
+        LLMOptConfig.from_options(options)
+
+
+def test_errors_module_is_the_one_error_type():
+    import llmopt.errors
+    assert llmopt.LLMOptConfigError is llmopt.errors.LLMOptConfigError is LLMOptConfigError
+
+
+# ----------------------------------------------------------------------------- environment, read once
+
+
+def test_env_override_is_read_once_when_the_config_is_built(monkeypatch):
+    monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "torch")
+    monkeypatch.setenv("LLMOPT_NATIVE", "0")
+    config = LLMOptConfig.from_options({})
+    assert config.kernels == KernelOptions(attention="torch", paged_attention="torch", native=False)
+    monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "sdpa")  # later changes do not reach a built config
+    assert config.kernels.attention == "torch"
+    # an explicit option wins over the variable
+    assert LLMOptConfig.from_options({"kernels": {"attention": "native"}}).kernels.attention == "native"
+    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL")
+    monkeypatch.delenv("LLMOPT_NATIVE")
+    assert LLMOptConfig.from_options({}).kernels == KernelOptions()
+
+
+def test_env_override_bad_value_is_a_clear_error():
+    with pytest.raises(LLMOptConfigError, match="LLMOPT_ATTENTION_IMPL='fast'; valid values are 'auto'"):
+        KernelOptions.from_options(None, environ={"LLMOPT_ATTENTION_IMPL": "fast"})
+    # a paged-only name sets only the paged op
+    assert KernelOptions.from_options(None, environ={"LLMOPT_ATTENTION_IMPL": "gather_sdpa"}) == \
+        KernelOptions(paged_attention="gather_sdpa")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("op, impl, device, kwargs, expected", [
+    ("attention", "auto", "cpu", {}, "native"),
+    ("attention", "auto", "cuda", {}, "sdpa"),  # no GPU record for triton_flash yet
+    ("attention", "torch", "cuda", {}, "sdpa"),
+    ("attention", "triton", "cuda", {}, "triton"),
+    ("attention", "triton", "cpu", {"triton_interpret": True}, "triton"),
+    ("attention", "native", "cpu", {"native": False}, "torch"),
+    ("attention", "auto", "cpu", {"native": False}, "torch"),
+    ("attention", "sdpa", "cpu", {}, "sdpa"),
+    ("attention", "auto", "xpu", {}, "sdpa"),
+    ("paged_attention", "auto", "cpu", {}, "native"),
+    ("paged_attention", "auto", "cuda", {}, "gather_sdpa"),  # no GPU record for triton_paged yet
+    ("paged_attention", "torch", "cuda", {}, "gather_sdpa"),
+    ("paged_attention", "gather_sdpa", "cpu", {}, "gather_sdpa"),
+])
+def test_dispatch_decisions(op, impl, device, kwargs, expected):
+    assert dispatch.resolve(op, impl, device, **kwargs) == expected
+
+
+@pytest.mark.parametrize("op, impl, device, message", [
+    ("attention", "triton", "cpu", "runs on CUDA tensors"),
+    ("attention", "native", "cuda", "'native' runs on CPU tensors, not cuda"),
+    ("attention", "gather_sdpa", "cpu", "no implementation 'gather_sdpa'"),
+    ("paged_attention", "native", "cuda", "runs on CPU tensors"),
+])
+def test_dispatch_refuses_what_cannot_run(op, impl, device, message):
+    with pytest.raises(ValueError, match=message):
+        dispatch.resolve(op, impl, device)
+
+
+def test_every_cuda_default_is_a_pytorch_path_until_a_gpu_record():
+    assert {impl for (_, device), impl in dispatch.DEFAULTS.items() if device == "cuda"} <= {"sdpa", "gather_sdpa"}
+
+
+# ----------------------------------------------------------------------------- the Report names the impl
+
+
+@pytest.mark.parametrize("kernels, expected", [(None, "native"), ({"attention": "sdpa"}, "sdpa"),
+                                               ({"attention": "torch"}, "torch"),
+                                               ({"native": False}, "torch")])
+def test_report_names_the_implementation_of_each_site(kernels, expected):
+    model = random_llama(heads="gqa", num_layers=2)
+    tokens = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    options = {} if kernels is None else {"kernels": kernels}
+    report = llmopt.explain(model, tokens, options=options)
+    assert report.impls("attention") == {f"model.layers.{i}.self_attn": expected for i in range(2)}
+    assert f"[impl {expected}]" in str(report)
+    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", **options})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens).logits, model(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_an_impl_that_cannot_run_leaves_the_site_with_the_reason():
+    report = llmopt.explain(random_llama(num_layers=1), torch.zeros(1, 5, dtype=torch.long),
+                            options={"kernels": {"attention": "triton"}})
+    from llmopt.kernels.attention import _TRITON_INTERPRET
+    if _TRITON_INTERPRET:  # the test suite's conftest turns Triton's interpreter on: it runs on CPU
+        assert report.impls("attention") == {"model.layers.0.self_attn": "triton"}
+    else:
+        assert report.count("attention") == 0
+        assert "runs on CUDA tensors" in report.unmatched("attention")[0].reason
+
+
+# ----------------------------------------------------------------------------- the SDPA path on CPU
+
+
+def _inputs(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    def make(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+    return (make(batch, q_heads, q_len, head_dim), make(batch, kv_heads, k_len, head_dim),
+            make(batch, kv_heads, k_len, head_dim))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (4, 1)])
+@pytest.mark.parametrize("mask, causal_offset, q_len, k_len", [
+    (None, None, 5, 7), (None, 0, 6, 6), (None, 3, 4, 7), ("bool", None, 5, 7), ("float", 2, 5, 7),
+    ("dead_row", None, 3, 5),
+])
+def test_sdpa_impl_matches_the_fp64_reference_forward_and_backward(heads, mask, causal_offset, q_len, k_len):
+    q_heads, kv_heads = heads
+    q, k, v = _inputs(2, q_heads, kv_heads, q_len, k_len, 16)
+    attn_mask = None
+    gen = torch.Generator().manual_seed(1)
+    if mask == "bool":
+        attn_mask = torch.rand(2, 1, q_len, k_len, generator=gen) > 0.3
+        attn_mask[..., 0] = True
+    elif mask == "float":
+        attn_mask = torch.randn(1, q_heads, q_len, k_len, generator=gen, dtype=torch.float64)
+    elif mask == "dead_row":
+        attn_mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool)
+        attn_mask[..., 1, :] = False  # row 1 sees no key: its output is 0
+    out, lse = torch.ops.llmopt.attention(q, k, v, attn_mask, causal_offset, None, impl="sdpa")
+    ref_out, ref_lse = attention_reference(q, k, v, attn_mask, causal_offset, None)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref_out, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_sdpa_impl_fp32_gradients_match_the_cpu_kernel():
+    q, k, v = _inputs(1, 6, 2, 9, 9, 32, dtype=torch.float32)
+    grad = torch.randn(1, 6, 9, 32)
+    results = []
+    for impl in ("sdpa", "torch"):
+        out, _ = torch.ops.llmopt.attention(q, k, v, None, 0, None, impl=impl)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_training_keeps_the_forward_impl(monkeypatch):
+    """The backward runs the implementation the pass chose for the forward."""
+    from llmopt.kernels import attention as attention_module
+    seen = []
+    original = attention_module._attention_backward_sdpa
+    monkeypatch.setattr(attention_module, "_attention_backward_sdpa", lambda *a: seen.append(1) or original(*a))
+    model = random_llama(num_layers=1)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", "kernels": {"attention": "sdpa"}})
+    compiled(tokens).logits.sum().backward()
+    assert seen
+    torch._dynamo.reset()
+
+
+def test_sdpa_call_without_gqa_flag_is_plain_sdpa():
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 4, 4, 8, dtype=torch.float32))
+    out, _ = torch.ops.llmopt.attention(q, k, v, None, 0, None, impl="sdpa")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
