@@ -24,6 +24,7 @@ from llmopt.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutp
 from llmopt.runtime.sampler import new_generator, sample
 from llmopt.runtime.sampling_params import SamplingParams
 from llmopt.runtime.scheduler import Scheduler, SchedulerConfig
+from llmopt.runtime.stop_tokens import eos_token_ids
 from llmopt.runtime.sequence import FinishReason, Sequence
 
 
@@ -62,7 +63,7 @@ class LLMEngine:
                             max_model_len=self._max_model_len()),
             self.num_total_blocks, finish_check=self._finish_check)
         self.max_model_len = self.scheduler.max_model_len
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._requests: dict[str, _Request] = {}
         self._next_id = 0
         self.num_steps = 0
@@ -233,17 +234,6 @@ def _record_logprobs(logits: torch.Tensor, requests: list[_Request], token_ids) 
         if request.logprobs is None:
             request.logprobs = []
         request.logprobs.append((token, float(lp[token]), top))
-
-
-def _eos_token_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    generation = getattr(model, "generation_config", None)
-    for value in (getattr(generation, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def _vocab_size(model, tokenizer) -> int | None:

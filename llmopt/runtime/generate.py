@@ -8,6 +8,11 @@ KV cache: a transformers ``StaticCache`` sized ``prompt + max_tokens`` rounded
 up to a multiple of 128. Its shapes never change during decoding, so a compiled
 model compiles the decode step once (a DynamicCache's growing length makes a
 string of recompiles; the timings: docs/PERFORMANCE.md).
+
+Tokens are chosen by the engine's sampler (:func:`llmopt.runtime.sampler.sample`
+with a :class:`SamplingParams` and the request's seeded generator) and the
+loop stops on the engine's EOS rule (:mod:`llmopt.runtime.stop_tokens`), so
+``--no-compile`` and the engine pick the same tokens from the same logits.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from llmopt.runtime.sampler import new_generator, sample
+from llmopt.runtime.sampling_params import SamplingParams
+from llmopt.runtime.stop_tokens import eos_token_ids
 
 CACHE_MULTIPLE = 128
 
@@ -45,20 +54,8 @@ def cache_length(prompt_tokens: int, max_tokens: int) -> int:
 
 
 def default_eos_token_ids(model, tokenizer=None) -> set[int]:
-    """Stop tokens: the generation config's eos ids plus the tokenizer's."""
-    ids: set[int] = set()
-    generation_config = getattr(model, "generation_config", None)
-    for source in (getattr(generation_config, "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source is not None:
-            ids.update(source)
-    # Chat models end a turn with <|im_end|>, which is not always marked as eos
-    # (the SmolLM2 GGUF tokenizer names <|im_start|> as its eos token).
-    if tokenizer is not None and "<|im_end|>" in tokenizer.get_vocab():
-        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    return ids
+    """Stop tokens: the engine's rule (:func:`llmopt.runtime.stop_tokens.eos_token_ids`)."""
+    return eos_token_ids(model, tokenizer)
 
 
 def generate_stream(
@@ -98,13 +95,20 @@ def generate_stream(
         raise ValueError(f"max_cache_len={max_cache_len} is too small: this request needs {needed}")
     stop = set(default_eos_token_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
     config = config if config is not None else model.config
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    # The engine's sampler, with the engine's options and per-request generator.
+    params = SamplingParams(max_tokens=None, temperature=temperature, top_k=top_k or 0, seed=seed)
+    generator = new_generator(params, _device(model))
     # Checks above run at the call; the loop itself runs as tokens are taken.
-    return _stream(model, prompt, max_tokens, temperature, top_k, generator, stop,
+    return _stream(model, prompt, max_tokens, params, generator, stop,
                    stats if stats is not None else GenerationStats(), max_cache_len, config)
 
 
-def _stream(model, prompt, max_tokens, temperature, top_k, generator, stop, stats, max_cache_len, config):
+def _device(model) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _stream(model, prompt, max_tokens, params, generator, stop, stats, max_cache_len, config):
     from transformers import StaticCache
 
     prompt_len = prompt.shape[1]
@@ -117,11 +121,11 @@ def _stream(model, prompt, max_tokens, temperature, top_k, generator, stop, stat
     for step in range(max_tokens):
         start = time.perf_counter()
         if step == 0:
-            token = _forward_and_choose(model, prompt, 0, cache, temperature, top_k, generator)
+            token = _forward_and_choose(model, prompt, 0, cache, params, generator)
             stats.prefill_s = time.perf_counter() - start
         else:
             last = torch.tensor([[token]])
-            token = _forward_and_choose(model, last, prompt_len + step - 1, cache, temperature, top_k, generator)
+            token = _forward_and_choose(model, last, prompt_len + step - 1, cache, params, generator)
             stats.decode_s += time.perf_counter() - start
         stats.new_tokens += 1
         yield token
@@ -130,7 +134,7 @@ def _stream(model, prompt, max_tokens, temperature, top_k, generator, stop, stat
 
 
 @torch.inference_mode()
-def _forward_and_choose(model, ids, first_position, cache, temperature, top_k, generator) -> int:
+def _forward_and_choose(model, ids, first_position, cache, params, generator) -> int:
     # Inference mode per step, not around the whole loop: a generator's `with`
     # block would stay active in the consumer's code between yields. Inputs are
     # copied in here so every call sees inference tensors; a compiled model
@@ -144,7 +148,7 @@ def _forward_and_choose(model, ids, first_position, cache, temperature, top_k, g
         use_cache=True,
         logits_to_keep=1,  # only the last position's logits are needed
     )
-    return _choose_token(out.logits[0, -1], temperature, top_k, generator)
+    return sample(out.logits[0, -1:], [params], [generator])[0]
 
 
 def generate(model, tokenizer, prompt_ids, max_tokens: int, **options) -> tuple[list[int], GenerationStats]:
@@ -170,15 +174,3 @@ def warm_up(model, prompt_ids, max_tokens: int, steps: int = 3, config=None) -> 
         config=config,
     )
     return time.perf_counter() - start
-
-
-def _choose_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
-    if temperature == 0:
-        # The first maximum, like argmax, at a fifth of its cost on CPU (see runtime/sampler.py).
-        return int(logits.max(dim=-1).indices)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        threshold = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
