@@ -27,7 +27,7 @@ kv head ``h // (Hq // Hkv)``; repeated heads are never materialised. fp16 / bf16
 
 Implementations
 ---------------
-* CUDA: the Triton kernels of :mod:`llmopt.kernels.triton_paged` (cache write kernel,
+* ``triton``: the kernels of :mod:`llmopt.kernels.triton_paged` (cache write kernel,
   split-KV decode kernel + reduction for ``max_query_len == 1``, prefill/append kernel
   otherwise). No host synchronisation.
 * CPU: the cache is written with ``index_copy_``; the blocks of all sequences are gathered
@@ -37,8 +37,13 @@ Implementations
   chunk puts the group into the batch axis with the key/value heads broadcast by a
   stride-0 view, and a bottom-right causal mask (or the kernel's own causal mode for a
   fresh prefill).
-* ``LLMOPT_ATTENTION_IMPL=triton`` with ``TRITON_INTERPRET=1`` routes CPU tensors to the
-  Triton kernels (under the interpreter), so tests can drive them through the op.
+* ``gather_sdpa``: plain PyTorch on any device (the CUDA default until the Triton
+  kernels have a GPU record, see :mod:`llmopt.kernels.dispatch`): per sequence, gather
+  its blocks and run ``scaled_dot_product_attention`` with ``enable_gqa``.
+* The ``impl`` argument chooses: ``"auto"`` (the device's default: ``"native"`` on CPU,
+  ``"gather_sdpa"`` on CUDA), ``"native"``, ``"torch"`` (the CPU path without the C
+  kernel), ``"gather_sdpa"``, ``"triton"`` (CUDA, or CPU tensors under
+  ``TRITON_INTERPRET=1``, so tests can drive the kernels through the op).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from llmopt.kernels import dispatch
+
 __all__ = ["paged_attention"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,11 +67,19 @@ _MIN_HEAD_DIM = 16
 _MAX_HEAD_DIM = 256
 
 
-def _use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    # Lets tests drive the Triton kernels through the op on CPU, under the interpreter.
-    return os.environ.get("LLMOPT_ATTENTION_IMPL") == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's own switch (read once): lets tests run impl="triton" on CPU tensors, under the interpreter.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation a call with ``impl`` runs on ``device`` (:mod:`llmopt.kernels.dispatch`)."""
+    return dispatch.resolve("paged_attention", impl, device.type, triton_interpret=_TRITON_INTERPRET)
+
+
+def uses_cpu_plan(device: torch.device) -> bool:
+    """Whether the default implementation on ``device`` is the planned CPU path
+    (``paged_attention_cpu_planned``), which the runtime's layer op calls directly."""
+    return resolve_impl("auto", device) in ("native", "torch")
 
 
 @torch.library.custom_op("llmopt::paged_attention", mutates_args=("k_cache", "v_cache"))
@@ -81,23 +96,28 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: Optional[float] = None,
+    impl: str = "auto",
 ) -> Tensor:
     _validate(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
               max_query_len, max_seq_len, scale)
-    if _use_triton(q.device):
+    impl = resolve_impl(impl, q.device)
+    if impl == "triton":
         from llmopt.kernels import triton_paged
 
         return triton_paged.paged_attention_forward(
             q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
             max_query_len, max_seq_len, scale,
         )
+    if impl == "gather_sdpa":
+        return _paged_attention_gather_sdpa(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                                            query_start_loc, scale)
     return _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
-                                query_start_loc, scale)
+                                query_start_loc, scale, native=impl == "native")
 
 
 @paged_attention.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, max_query_len,
-      max_seq_len, scale=None):
+      max_seq_len, scale=None, impl="auto"):
     return q.new_empty(q.shape)
 
 
@@ -193,10 +213,51 @@ def _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-                         scale):
+                         scale, native=True):
     plan = plan_cpu_step(block_tables, seq_lens, query_start_loc, k_cache.shape[1], k_cache.shape[0],
                          q.shape[0], q.dtype)
-    return paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan, scale)
+    return paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan, scale, native=native)
+
+
+def _paged_attention_gather_sdpa(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                                 query_start_loc, scale):
+    """Plain PyTorch on any device (the CUDA default until the Triton kernels have a
+    GPU record): write the cache, then per sequence gather its blocks and run
+    ``scaled_dot_product_attention`` with ``enable_gqa`` and a bottom-right causal
+    mask. Reads the step's lengths on the host (one sync a call)."""
+    num_tokens, q_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)
+    out = q.new_zeros(q.shape)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for i, seq_len in enumerate(lens):
+        q0, q1 = starts[i], starts[i + 1]
+        q_len = q1 - q0
+        if q_len < 0 or q_len > seq_len:
+            _fail(f"sequence {i} has {q_len} new tokens but seq_len {seq_len}")
+        if q1 > num_tokens:
+            _fail(f"query_start_loc[{i + 1}] = {q1} exceeds the {num_tokens} query rows")
+        if q_len == 0:
+            continue
+        nb = -(-seq_len // block_size)
+        if nb > block_tables.shape[1]:
+            _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has "
+                  f"{block_tables.shape[1]} columns")
+        blocks = block_tables[i, :nb].to(torch.int64)
+        if bool(((blocks < 0) | (blocks >= num_blocks)).any()):
+            _fail(f"block_tables holds block ids outside [0, {num_blocks})")
+        keys = k_cache.index_select(0, blocks).reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        values = v_cache.index_select(0, blocks).reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        mask = None
+        if 1 < q_len < seq_len:  # bottom-right causal; q_len == seq_len is the kernel's own causal mode
+            rows = torch.arange(q_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows + (seq_len - q_len)
+        o = sdpa(q[q0:q1].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                 is_causal=q_len == seq_len and q_len > 1, scale=scale, enable_gqa=q_heads != kv_heads)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
 
 
 @dataclass
@@ -312,7 +373,7 @@ _NATIVE_DTYPES = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_deco
 
 def _native_decode_fn(q: Tensor, k_cache: Tensor):
     """The native decode kernel for these tensors, or None (then the PyTorch path runs)."""
-    if os.environ.get("LLMOPT_ATTENTION_IMPL") == "torch" or q.dtype not in _NATIVE_DTYPES:
+    if q.dtype not in _NATIVE_DTYPES:
         return None
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     if q.shape[1] // kv_heads > 32 or head_dim > 256 or block_size > 128 or not k_cache.is_contiguous():
@@ -334,8 +395,10 @@ def _run_native_decode(fn, q, k_cache, v_cache, out, plan: _NativeDecode, scale:
         _fail("the native paged decode kernel rejected its shapes")
 
 
-def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: CpuStepPlan, scale):
-    """The CPU implementation, given the step's plan (see :func:`plan_cpu_step`)."""
+def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: CpuStepPlan, scale,
+                                native: bool = True):
+    """The CPU implementation, given the step's plan (see :func:`plan_cpu_step`);
+    ``native=False`` (impl ``"torch"``) keeps decode rows off the C kernel."""
     num_tokens, q_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
@@ -343,7 +406,7 @@ def paged_attention_cpu_planned(q, k, v, k_cache, v_cache, slot_mapping, plan: C
     _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)  # after the plan's checks: no half-done step
     out = q.new_zeros((num_tokens, q_heads, head_dim))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    native = _native_decode_fn(q, k_cache) if plan.native_decode is not None else None
+    native = _native_decode_fn(q, k_cache) if native and plan.native_decode is not None else None
     if native is not None:
         _run_native_decode(native, q.contiguous(), k_cache, v_cache, out, plan.native_decode, scale)
     for group_plan in ([] if native is not None else plan.decode_groups):

@@ -126,7 +126,7 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
     """
     cache, step = _current()
     k_cache, v_cache = cache.layer(layer, k)
-    if not _paged._use_triton(q.device):
+    if _paged.uses_cpu_plan(q.device):
         # Skip the op's per-call planning: every layer of the step shares one plan.
         if step.cpu_plan is None:
             step.cpu_plan = _paged.plan_cpu_step(

@@ -2,7 +2,7 @@
 
 On a CPU-only machine the Triton kernels run under the interpreter (TRITON_INTERPRET=1,
 set below before triton is imported), driven both through the op
-(``LLMOPT_ATTENTION_IMPL=triton``) and through the launchers of
+(``impl="triton"``) and through the launchers of
 ``llmopt.kernels.triton_paged``. On a CUDA machine with ``TRITON_INTERPRET=0`` the
 Triton tests run on the GPU instead.
 
@@ -57,16 +57,11 @@ TOL = {
 # (Hq, Hkv, D, block_size): GQA, MQA, MHA; D = 16, 64, 80 (not a power of two).
 HEADS = [(6, 2, 64, 16), (4, 1, 80, 32), (3, 3, 16, 16)]
 
-# CPU implementations: "cpu" is the default (decode rows in the native C kernel where it
-# builds, chunks through PyTorch's flash kernel); "cpu-torch" forces the PyTorch-only path.
-CPU_IMPLS = ["cpu", "cpu-torch"]
-
-
-def use_cpu_impl(monkeypatch, impl):
-    if impl == "cpu-torch":
-        monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "torch")
-    else:
-        monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
+# Implementations that run on CPU tensors (the op's impl argument): "native" is the CPU
+# default (decode rows in the native C kernel where it builds, chunks through PyTorch's
+# flash kernel); "torch" is the PyTorch-only CPU path; "gather_sdpa" is the CUDA default
+# (plain PyTorch), checked here on CPU.
+CPU_IMPLS = ["native", "torch", "gather_sdpa"]
 
 
 # (q_lens, seq_lens) of each batch.
@@ -165,8 +160,8 @@ def assert_close(out, ref, dtype, rows=None):
     assert (err <= bound).all(), f"max err {err.max().item():.3e}, max err/bound {(err / bound).max().item():.2f}"
 
 
-def run_op(batch, q_lens, seq_lens, scale=None):
-    return torch.ops.llmopt.paged_attention(*batch, max(q_lens), max(seq_lens), scale)
+def run_op(batch, q_lens, seq_lens, scale=None, impl="auto"):
+    return torch.ops.llmopt.paged_attention(*batch, max(q_lens), max(seq_lens), scale, impl=impl)
 
 
 def check_step(batch, q_lens, seq_lens, dtype, out, ref):
@@ -193,15 +188,12 @@ def test_op(impl, dtype, heads, kind, monkeypatch):
         if dtype not in TRITON_DTYPES:
             pytest.skip("the Triton interpreter has no bf16 tl.dot")
         device = TRITON_DEVICE
-        monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "triton")
         # Several splits in the decode batch (max_seq_len 71 -> 3 splits of 32 keys).
         monkeypatch.setattr(tp, "INTERPRET_SPLIT_TOKENS", 32)
-    else:
-        use_cpu_impl(monkeypatch, impl)
     skip = (2,) if kind == "decode" else (3, 20)  # a decode token; an append and a prefill token
     batch = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype, device=device, skip_slots=skip)
     ref = reference(*batch)
-    out = run_op(batch, q_lens, seq_lens)
+    out = run_op(batch, q_lens, seq_lens, impl=impl)
     check_step(batch, q_lens, seq_lens, dtype, out, ref)
 
 
@@ -213,39 +205,34 @@ def test_op_scale_and_cache_views(impl, monkeypatch):
     device = "cpu"
     if impl == "triton":
         device = TRITON_DEVICE
-        monkeypatch.setenv("LLMOPT_ATTENTION_IMPL", "triton")
-    else:
-        use_cpu_impl(monkeypatch, impl)
     for q_lens in ([3, 0, 1], [1, 0, 1]):  # prefill kernel, decode kernel
         batch = make_batch(q_lens, seq_lens, 6, 2, 64, 16, F32, device=device, cache_view=True)
         assert not batch[3].is_contiguous()
         ref = reference(*batch, scale=0.3)
-        out = run_op(batch, q_lens, seq_lens, scale=0.3)
+        out = run_op(batch, q_lens, seq_lens, scale=0.3, impl=impl)
         check_step(batch, q_lens, seq_lens, F32, out, ref)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-def test_cpu_dtypes_decode_and_prefill(dtype, impl, monkeypatch):
-    use_cpu_impl(monkeypatch, impl)
+def test_cpu_dtypes_decode_and_prefill(dtype, impl):
     for q_lens, seq_lens in (DECODE, MIXED, ([24], [24]), ([9], [10])):
         batch = make_batch(q_lens, seq_lens, 4, 2, 32, 16, dtype)
         ref = reference(*batch)
-        check_step(batch, q_lens, seq_lens, dtype, run_op(batch, q_lens, seq_lens), ref)
+        check_step(batch, q_lens, seq_lens, dtype, run_op(batch, q_lens, seq_lens, impl=impl), ref)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_cpu_many_decode_sequences(impl, monkeypatch):
+def test_cpu_many_decode_sequences(impl):
     """40 decode rows of scattered lengths (the PyTorch path sorts them into several padded
     groups; the native kernel reads each in place): each row must still see exactly its own
     keys, and a prefill rides along."""
-    use_cpu_impl(monkeypatch, impl)
     g = torch.Generator().manual_seed(1)
     seq_lens = torch.randint(1, 120, (40,), generator=g).tolist() + [30]
     q_lens = [1] * 40 + [7]
     batch = make_batch(q_lens, seq_lens, 6, 2, 32, 16, F32)
     ref = reference(*batch)
-    check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens), ref)
+    check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens, impl=impl), ref)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -259,7 +246,6 @@ def test_native_decode_kernel(dtype, heads, monkeypatch):
 
     if native.load("paged_decode") is None:
         pytest.skip("no C compiler here: the native kernel is not built (the PyTorch path is tested)")
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     hq, hkv, d, bs = heads
     q = torch.empty(1, hq, d, dtype=dtype)
     assert pa._native_decode_fn(q, torch.empty(2, bs, hkv, d, dtype=dtype)) is not None
@@ -273,7 +259,6 @@ def test_native_decode_kernel(dtype, heads, monkeypatch):
 
 def test_native_decode_kernel_limits_fall_back(monkeypatch):
     """Shapes past the kernel's fixed buffers (a 64-query group) take the PyTorch path."""
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     assert pa._native_decode_fn(torch.empty(1, 64, 16), torch.empty(2, 16, 1, 16)) is None
     assert pa._native_decode_fn(torch.empty(1, 4, 16, dtype=F16), torch.empty(2, 16, 1, 16, dtype=F16)) is None
     seq_lens, q_lens = [20, 33], [1, 1]
@@ -350,7 +335,6 @@ def test_write_kv_cache(cache_view):
 
 
 def test_opcheck_cpu(monkeypatch):
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     q_lens, seq_lens = MIXED
     batch = make_batch(q_lens, seq_lens, 6, 2, 16, 16, F32, skip_slots=(4,))
     torch.library.opcheck(torch.ops.llmopt.paged_attention.default, (*batch, max(q_lens), max(seq_lens), None))
@@ -360,7 +344,6 @@ def test_opcheck_cpu(monkeypatch):
 
 
 def test_fake_and_compile(monkeypatch):
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     q_lens, seq_lens = MIXED
     batch = make_batch(q_lens, seq_lens, 6, 2, 16, 16, F32)
     ref = reference(*batch)
@@ -401,14 +384,12 @@ def _bad(**changes):
     (dict(k=lambda t: t[:, :1], v=lambda t: t[:, :1]), "caches must be"),
 ])
 def test_validation(changes, match, monkeypatch):
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     args = _bad(**changes)
     with pytest.raises(ValueError, match=match):
         pa.paged_attention(**args)
 
 
 def test_validation_cpu_metadata(monkeypatch):
-    monkeypatch.delenv("LLMOPT_ATTENTION_IMPL", raising=False)
     args = _bad(seq_lens=lambda t: torch.tensor([5, 2], dtype=torch.int32))
     before = args["k_cache"].clone()
     with pytest.raises(ValueError, match="new tokens but seq_len"):
