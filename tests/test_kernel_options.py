@@ -84,6 +84,9 @@ def test_env_override_bad_value_is_a_clear_error():
     ("paged_attention", "auto", "cuda", {}, "gather_sdpa"),  # no GPU record for triton_paged yet
     ("paged_attention", "torch", "cuda", {}, "gather_sdpa"),
     ("paged_attention", "gather_sdpa", "cpu", {}, "gather_sdpa"),
+    ("quantized_linear", "auto", "cpu", {}, "torch"),
+    ("quantized_linear", "auto", "cuda", {}, "torch"),  # no GPU record for triton_quant yet
+    ("quantized_linear", "triton", "cuda", {}, "triton"),
 ])
 def test_dispatch_decisions(op, impl, device, kwargs, expected):
     assert dispatch.resolve(op, impl, device, **kwargs) == expected
@@ -101,7 +104,8 @@ def test_dispatch_refuses_what_cannot_run(op, impl, device, message):
 
 
 def test_every_cuda_default_is_a_pytorch_path_until_a_gpu_record():
-    assert {impl for (_, device), impl in dispatch.DEFAULTS.items() if device == "cuda"} <= {"sdpa", "gather_sdpa"}
+    assert {impl for (_, device), impl in dispatch.DEFAULTS.items() if device == "cuda"} <= {
+        "sdpa", "gather_sdpa", "torch"}
 
 
 # ----------------------------------------------------------------------------- the Report names the impl

@@ -23,6 +23,8 @@ IMPLS = {
     "attention": {"native": ("cpu",), "torch": ("cpu", "cuda"), "sdpa": ("cpu", "cuda"), "triton": ("cuda",)},
     "paged_attention": {"native": ("cpu",), "torch": ("cpu",), "gather_sdpa": ("cpu", "cuda"),
                         "triton": ("cuda",)},
+    # llmopt::linear_int8/int4/fp8 (the int4 CPU kernels are chosen by the weight's layout)
+    "quantized_linear": {"torch": ("cpu", "cuda"), "triton": ("cuda",)},
 }
 
 # (op, device type) -> the default. A CUDA entry changes only with its GPU record
@@ -32,6 +34,8 @@ DEFAULTS = {
     ("attention", "cuda"): "sdpa",  # triton_flash: no GPU record yet
     ("paged_attention", "cpu"): "native",
     ("paged_attention", "cuda"): "gather_sdpa",  # triton_paged: no GPU record yet
+    ("quantized_linear", "cpu"): "torch",
+    ("quantized_linear", "cuda"): "torch",  # triton_quant: no GPU record yet (dequantize + matmul, torch._int_mm)
 }
 
 # What a name means where it has no implementation of its own.

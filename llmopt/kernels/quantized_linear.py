@@ -88,6 +88,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmopt.kernels import dispatch
+
 __all__ = [
     "INT4_LAYOUTS",
     "cpu_compute_dtype",
@@ -113,11 +115,22 @@ INT4_LAYOUTS = ("nibble", "cpu_tiled", "cpu_native")
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch, read once
+
+
 def use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    # Lets tests drive the Triton kernels through the ops on CPU, under the interpreter.
-    return os.environ.get("LLMOPT_QUANT_IMPL") == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the Triton kernels run (:mod:`llmopt.kernels.dispatch`, op ``"quantized_linear"``).
+
+    By default no: on CUDA too the PyTorch paths run (dequantize + matmul, ``torch._int_mm``)
+    until ``triton_quant`` has a GPU record. ``LLMOPT_QUANT_IMPL=triton`` selects them (on
+    CPU tensors only under ``TRITON_INTERPRET=1``, for tests). Not yet an option of the
+    ``kernels`` group: this variable is still read per call.
+    """
+    impl = os.environ.get("LLMOPT_QUANT_IMPL") or "auto"
+    try:
+        return dispatch.resolve("quantized_linear", impl, device.type, triton_interpret=_TRITON_INTERPRET) == "triton"
+    except ValueError:  # "triton" for CPU tensors without the interpreter: the PyTorch path, as before
+        return False
 
 
 # ---------------------------------------------------------------- formats
