@@ -13,7 +13,6 @@ activations with llmopt's symmetric scheme).
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 from torch.fx import GraphModule, Node
@@ -22,7 +21,7 @@ import llmopt.kernels.quantized_linear  # noqa: F401  (registers the llmopt::lin
 from llmopt.onnx.errors import OnnxExportError
 from llmopt.onnx.matmul_nbits import NBitsWeight, block_offsets, from_llmopt_int4, from_llmopt_int8
 from llmopt.passes.eliminate_dead_code import EliminateDeadCode
-from llmopt.passes.graph_utils import fake_value, module_path, static_int
+from llmopt.passes.graph_utils import fake_value, get_constant, install_constant, module_path, static_int
 
 _INT4 = torch.ops.llmopt.linear_int4.default
 _INT8 = torch.ops.llmopt.linear_int8.default
@@ -70,18 +69,12 @@ def _convert(gm: GraphModule, node: Node, in_features: int, dtype: torch.dtype, 
 
 
 def _install(gm: GraphModule, node: Node, weight: NBitsWeight) -> list:
-    base = BUFFER_PREFIX + re.sub(r"\W", "_", module_path(node))
-    while hasattr(gm, base + "_b"):
-        base += "_"
     device = node.args[0].meta.get("example_value").device
     names = []
     for part in ("b", "scales", "zero_points", "offsets"):
         tensor = getattr(weight, part)
-        if tensor is None:
-            names.append(None)
-            continue
-        gm.register_buffer(f"{base}_{part}", tensor.to(device))
-        names.append(f"{base}_{part}")
+        names.append(None if tensor is None
+                      else install_constant(gm, BUFFER_PREFIX, f"{module_path(node)}_{part}", tensor.to(device)))
     return [names, weight.in_features, weight.out_features, weight.bits, weight.block_size]
 
 
@@ -91,7 +84,7 @@ def _replace(gm: GraphModule, node: Node, installed: list) -> None:
     bias, x = _bias(node), node.args[0]
     graph = gm.graph
     with graph.inserting_before(node):
-        b, scales, zero_points, offsets = [None if name is None else graph.get_attr(name) for name in names]
+        b, scales, zero_points, offsets = [None if name is None else get_constant(gm, name) for name in names]
         out = graph.call_function(torch.ops.llmopt.matmul_nbits.default,
                                   (x, b, scales, zero_points, in_features, out_features, bits, block_size, bias))
         new_nodes = [out]

@@ -13,7 +13,6 @@ choosing. For export the graph must take only the user's inputs, so:
 
 from __future__ import annotations
 
-import re
 
 import torch
 from torch.fx import GraphModule, Node
@@ -21,7 +20,7 @@ from torch.fx import GraphModule, Node
 from llmopt.onnx.capture import INPUT_NAMES as USER_INPUTS, CapturedGraph
 from llmopt.onnx.errors import OnnxExportError
 from llmopt.passes.eliminate_dead_code import EliminateDeadCode
-from llmopt.passes.graph_utils import fake_value
+from llmopt.passes.graph_utils import fake_value, get_constant, install_constant
 
 WEIGHT_PREFIX = "llmopt_onnx_"
 
@@ -95,11 +94,7 @@ def _attribute(gm: GraphModule, node: Node, value: torch.Tensor, parameters: dic
                attributes: dict[int, str], body: Node) -> Node:
     name = attributes.get(id(value))
     if name is None:
-        path = parameters.get(node.name, node.name)
-        name = WEIGHT_PREFIX + re.sub(r"\W", "_", path)
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, value.detach())
+        name = install_constant(gm, WEIGHT_PREFIX, parameters.get(node.name, node.name), value.detach())
         attributes[id(value)] = name
     with gm.graph.inserting_before(body):
-        return gm.graph.get_attr(name)
+        return get_constant(gm, name)

@@ -166,3 +166,43 @@ def propagate_fake(nodes: list[Node]) -> None:
             else:
                 value = node.target(*args, **node.kwargs)
             node.meta["example_value"] = value
+
+
+# ---------------------------------------------------------------- constants on a graph module
+
+
+def install_constant(gm: "torch.fx.GraphModule", prefix: str, hint: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` on ``gm`` as a buffer and return its name (read it with :func:`get_constant`).
+
+    The one way passes (and the ONNX export's graph steps) put tensors on a
+    graph module: the name is ``prefix`` + ``hint`` with non-word characters as
+    ``_``, made unique by appending ``_`` while ``gm`` has that attribute. On a
+    Dynamo graph, AOTAutograd lifts the module's buffers as inputs and asks
+    Dynamo's ``_param_name_to_source`` table for each one's source; a
+    constant source names ours (unique tensors, so no duplicate-input guard is
+    ever built from it).
+    """
+    name = prefix + re.sub(r"\W", "_", hint)
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, tensor)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(name)
+    return name
+
+
+def get_constant(gm: "torch.fx.GraphModule", name: str, fake_mode: Any = None, like: Node | None = None) -> Node:
+    """A ``get_attr`` node for the constant ``name``, at the graph's insertion point.
+
+    Its ``example_value`` is ``like``'s (the value it replaces), else a fake of
+    the tensor in ``fake_mode``, else none.
+    """
+    node = gm.graph.get_attr(str(name))
+    if like is not None:
+        node.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val")})
+    elif fake_mode is not None:
+        node.meta["example_value"] = fake_mode.from_tensor(getattr(gm, str(name)), static_shapes=True)
+    return node

@@ -18,14 +18,13 @@ compiling (:func:`llmopt.pruning.prune_model`); see llmopt/pruning/__init__.py.
 
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import fake_value, module_path
+from llmopt.passes.graph_utils import fake_value, get_constant, install_constant, module_path
 
 KIND = "prune"
 LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
@@ -64,11 +63,10 @@ class PruneLinear(GraphPass):
                 dense = _pruned(value, path, config)
                 stored, note = _semi_structured(dense) if config.pattern == "2:4" else (dense, DENSE_NOTE)
                 notes.add(note)
-                installed[path] = _install(gm, path, stored)
+                installed[path] = install_constant(gm, BUFFER_PREFIX, path, stored)
                 result.rewrites.append(Rewrite(KIND, path[: -len(".weight")], _detail(dense, config)))
             with gm.graph.inserting_before(node):
-                attr = gm.graph.get_attr(installed[path])
-            attr.meta.update({k: v for k, v in weight.meta.items() if k in ("example_value", "val")})
+                attr = get_constant(gm, installed[path], like=weight)
             node.replace_input_with(weight, attr)
         result.notes.extend(sorted(notes))
         return result
@@ -134,20 +132,6 @@ def _semi_structured_unavailable(weight: torch.Tensor) -> str:
     if weight.dtype not in (torch.float16, torch.bfloat16):
         return f"semi-structured sparse kernels take float16/bfloat16 weights, not {weight.dtype}"
     return ""
-
-
-def _install(gm: GraphModule, path: str, tensor: torch.Tensor) -> str:
-    name = BUFFER_PREFIX + re.sub(r"\W", "_", path)
-    gm.register_buffer(name, tensor)
-    # AOTAutograd lifts a Dynamo graph's buffers as inputs and asks Dynamo's
-    # table for each one's source; a constant source names ours (unique
-    # tensors, so no duplicate-input guard is ever built from it).
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is not None:
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(name)
-    return name
 
 
 def _detail(dense: torch.Tensor, config) -> str:

@@ -36,7 +36,6 @@ the model's weights in place afterwards does not reach an existing graph
 from __future__ import annotations
 
 import os
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -48,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import llmopt.kernels.quantized_linear as qlinear
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, module_path
+from llmopt.passes.graph_utils import copy_location_meta, fake_value, get_constant, install_constant, module_path
 from llmopt.quantization import quantize as quantize_module
 from llmopt.quantization.config import QuantConfig
 from llmopt.quantization.storage import QuantizedWeights, load_quantized
@@ -336,26 +335,9 @@ def _native_int4(dtype: torch.dtype) -> bool:
 
 
 def _install(gm: GraphModule, layer: str, inputs: list[Any]) -> list[Any]:
-    """Register the tensors among ``inputs`` as buffers (replaced by their names)."""
-    base = BUFFER_PREFIX + re.sub(r"\W", "_", layer)
-    while hasattr(gm, base + "_0"):  # the same layer name twice: keep both
-        base += "_"
-    installed = []
-    for i, value in enumerate(inputs):
-        if not isinstance(value, torch.Tensor):
-            installed.append(value)
-            continue
-        name = _Buffer(f"{base}_{i}")
-        gm.register_buffer(name, value)
-        # AOTAutograd lifts the graph's buffers as inputs and asks Dynamo's table
-        # for each one's source; a constant source names ours.
-        sources = getattr(gm, "_param_name_to_source", None)
-        if sources is not None:
-            from torch._dynamo.source import ConstantSource
-
-            sources[name] = ConstantSource(name)
-        installed.append(name)
-    return installed
+    """Register the tensors among ``inputs`` as constants on ``gm`` (replaced by their names)."""
+    return [_Buffer(install_constant(gm, BUFFER_PREFIX, f"{layer}_{i}", value)) if isinstance(value, torch.Tensor)
+            else value for i, value in enumerate(inputs)]
 
 
 def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfig: QuantConfig, fake_mode) -> None:
@@ -364,7 +346,7 @@ def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfi
     first = group[0].node
     x, bias = _arg(first, 0, "input"), _arg(first, 2, "bias")
     with graph.inserting_before(first):
-        inputs = [_get_attr(gm, v, fake_mode) if isinstance(v, _Buffer) else v for v in installed]
+        inputs = [get_constant(gm, v, fake_mode) if isinstance(v, _Buffer) else v for v in installed]
         if qconfig.mode == "int4":
             qweight, scales_zeros, layout = inputs
             args = (x, qweight, scales_zeros, qconfig.group_size, layout, bias)
@@ -400,13 +382,6 @@ def _stacked_fake(group: list[_Linear]):
     rows = sum(linear.weight.shape[0] for linear in group)
     with value.fake_mode:
         return value.new_empty((*value.shape[:-1], rows))
-
-
-def _get_attr(gm: GraphModule, name: str, fake_mode) -> Node:
-    node = gm.graph.get_attr(str(name))
-    if fake_mode is not None:
-        node.meta["example_value"] = fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
-    return node
 
 
 def _fake_mode(gm: GraphModule):
