@@ -152,7 +152,7 @@ def check_backend_options(config: Any) -> tuple[str, ...]:
     skip = check_skip(config.quantize_skip)
     weights = config.quantized_weights
     if weights is not None:
-        from llmopt.quantization.storage import QuantizedWeights
+        from llmopt.quantization.layers import QuantizedWeights
 
         if not isinstance(weights, (str, os.PathLike, QuantizedWeights)):
             raise LLMOptConfigError(
