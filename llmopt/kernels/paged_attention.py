@@ -230,21 +230,10 @@ def _paged_attention_gather_sdpa(q, k, v, k_cache, v_cache, slot_mapping, block_
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     _write_cache_cpu(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_zeros(q.shape)
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    for i, seq_len in enumerate(lens):
-        q0, q1 = starts[i], starts[i + 1]
+    for i, q0, q1, seq_len, nb in _sequence_spans(block_tables, seq_lens, query_start_loc,
+                                                 block_size, num_tokens):
         q_len = q1 - q0
-        if q_len < 0 or q_len > seq_len:
-            _fail(f"sequence {i} has {q_len} new tokens but seq_len {seq_len}")
-        if q1 > num_tokens:
-            _fail(f"query_start_loc[{i + 1}] = {q1} exceeds the {num_tokens} query rows")
-        if q_len == 0:
-            continue
-        nb = -(-seq_len // block_size)
-        if nb > block_tables.shape[1]:
-            _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has "
-                  f"{block_tables.shape[1]} columns")
         blocks = block_tables[i, :nb].to(torch.int64)
         if bool(((blocks < 0) | (blocks >= num_blocks)).any()):
             _fail(f"block_tables holds block ids outside [0, {num_blocks})")
@@ -322,16 +311,11 @@ class CpuStepPlan:
         return self._native
 
 
-_DECODE_GROUP = 16  # sequences per batched decode call (PyTorch path)
-
-
-def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
-                  num_tokens: int, dtype) -> CpuStepPlan:
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
+def _sequence_spans(block_tables, seq_lens, query_start_loc, block_size: int, num_tokens: int):
+    """``(i, q0, q1, seq_len, blocks)`` for each sequence with new tokens, checked against the
+    step's layout (read on the host: one sync a call)."""
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     max_blocks = block_tables.shape[1]
-    table = block_tables.to(torch.int64)
-    decode, prefills = [], []
     for i, seq_len in enumerate(lens):
         q0, q1 = starts[i], starts[i + 1]
         q_len = q1 - q0
@@ -344,6 +328,19 @@ def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_
         nb = -(-seq_len // block_size)
         if nb > max_blocks:
             _fail(f"sequence {i} needs {nb} blocks for seq_len {seq_len}, block_tables has {max_blocks} columns")
+        yield i, q0, q1, seq_len, nb
+
+
+_DECODE_GROUP = 16  # sequences per batched decode call (PyTorch path)
+
+
+def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
+                  num_tokens: int, dtype) -> CpuStepPlan:
+    table = block_tables.to(torch.int64)
+    decode, prefills = [], []
+    for i, q0, q1, seq_len, nb in _sequence_spans(block_tables, seq_lens, query_start_loc,
+                                                 block_size, num_tokens):
+        q_len = q1 - q0
         if q_len == 1:
             decode.append((q0, seq_len, nb, i))
         else:
