@@ -6,7 +6,7 @@ Settings (all on the same loaded model, SmolLM2-135M fp32 by default):
                       generation loop (transformers StaticCache)
   llmopt-int4         the same with options={"quantize": "int4", "group_size": 32} (on CPU llmopt
                       runs fp32 models' int4 layers with bf16 activations)
-  llmopt-int4-fp32    llmopt-int4 with LLMOPT_QUANT_CPU_DTYPE=float32: fp32 activations, the
+  llmopt-int4-fp32    llmopt-int4 with kernels={"quant_cpu_dtype": "float32"}: fp32 activations, the
                       arithmetic the exported int4 model (accuracy_level 0) does
   onnxruntime         llmopt.export_onnx(model) run by onnxruntime (CPU execution
                       provider; CUDA where onnxruntime has it), llmopt.onnx.OnnxCausalLM
@@ -26,7 +26,6 @@ plus session creation for onnxruntime.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import statistics
@@ -126,29 +125,16 @@ def _run_llmopt(setting, model, prompt_ids, args, folder) -> SettingResult:
     from llmopt.runtime.generate import generate, warm_up
 
     options = INT4 if setting.startswith("llmopt-int4") else {}
-    with _quant_cpu_dtype("float32" if setting == "llmopt-int4-fp32" else None):
-        runner = torch.compile(model, backend="llmopt", options={"lower": "inductor", **options})
-        warmup_s = warm_up(runner, prompt_ids, args.max_tokens)
+    if setting == "llmopt-int4-fp32":
+        options = {**options, "kernels": {"quant_cpu_dtype": "float32"}}
+    runner = torch.compile(model, backend="llmopt", options={"lower": "inductor", **options})
+    warmup_s = warm_up(runner, prompt_ids, args.max_tokens)
 
-        def once():
-            tokens, stats = generate(runner, None, prompt_ids, args.max_tokens, eos_token_ids=())
-            return tokens, stats.prefill_s, stats.decode_tokens_per_s
+    def once():
+        tokens, stats = generate(runner, None, prompt_ids, args.max_tokens, eos_token_ids=())
+        return tokens, stats.prefill_s, stats.decode_tokens_per_s
 
-        return _timed(setting, warmup_s, args.repeats, once)
-
-
-@contextlib.contextmanager
-def _quant_cpu_dtype(value):
-    """LLMOPT_QUANT_CPU_DTYPE for one setting (read by llmopt's CPU quantized kernels at each call)."""
-    previous = os.environ.get("LLMOPT_QUANT_CPU_DTYPE")
-    if value is not None:
-        os.environ["LLMOPT_QUANT_CPU_DTYPE"] = value
-    try:
-        yield
-    finally:
-        os.environ.pop("LLMOPT_QUANT_CPU_DTYPE", None)
-        if previous is not None:
-            os.environ["LLMOPT_QUANT_CPU_DTYPE"] = previous
+    return _timed(setting, warmup_s, args.repeats, once)
 
 
 def _run_onnxruntime(setting, model, prompt_ids, args, folder) -> SettingResult:

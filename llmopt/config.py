@@ -72,8 +72,11 @@ class LLMOptConfig:
             ``QuantizedWeights``: installed as they are, not re-quantized.
         kernels: which implementation each op runs: a dict /
             :class:`llmopt.kernels.options.KernelOptions` (``attention``,
-            ``paged_attention``, ``native``), over the environment overrides
-            ``LLMOPT_ATTENTION_IMPL`` / ``LLMOPT_NATIVE`` read once here.
+            ``paged_attention``, ``native``, ``quantized_linear``,
+            ``int4_cpu_kernel``, ``quant_cpu_dtype``, ``merge_siblings``), over
+            the environment overrides ``LLMOPT_ATTENTION_IMPL``, ``LLMOPT_NATIVE``,
+            ``LLMOPT_QUANT_IMPL``, ``LLMOPT_INT4_CPU_KERNEL``,
+            ``LLMOPT_QUANT_CPU_DTYPE`` read once here.
             Resolved per site when the graph is compiled and recorded in the
             Report (see ``kernels/dispatch.py``).
 

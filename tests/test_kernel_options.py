@@ -210,3 +210,43 @@ def test_sdpa_call_without_gqa_flag_is_plain_sdpa():
     q, k, v = (t.detach() for t in _inputs(1, 2, 2, 4, 4, 8, dtype=torch.float32))
     out, _ = torch.ops.llmopt.attention(q, k, v, None, 0, None, impl="sdpa")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ----------------------------------------------------------------------------- quantized linears
+
+
+def test_quantized_linear_env_overrides_are_read_once(monkeypatch):
+    monkeypatch.setenv("LLMOPT_QUANT_IMPL", "torch")
+    monkeypatch.setenv("LLMOPT_INT4_CPU_KERNEL", "torch")
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+    config = LLMOptConfig.from_options({})
+    assert config.kernels == KernelOptions(quantized_linear="torch", int4_cpu_kernel="torch",
+                                           quant_cpu_dtype="float32")
+    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "bfloat16")  # later changes do not reach a built config
+    assert config.kernels.quant_cpu_dtype == "float32"
+    # an explicit option wins over the variable
+    assert LLMOptConfig.from_options({"kernels": {"int4_cpu_kernel": "native"}}).kernels.int4_cpu_kernel == "native"
+    for name in ("LLMOPT_QUANT_IMPL", "LLMOPT_INT4_CPU_KERNEL", "LLMOPT_QUANT_CPU_DTYPE"):
+        monkeypatch.delenv(name)
+    assert LLMOptConfig.from_options({}).kernels == KernelOptions()
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"LLMOPT_QUANT_IMPL": "cuda"}, "LLMOPT_QUANT_IMPL='cuda'; valid values are 'auto', 'torch', 'triton'"),
+    ({"LLMOPT_INT4_CPU_KERNEL": "c"}, "LLMOPT_INT4_CPU_KERNEL='c'; valid values are 'native', 'torch'"),
+    ({"LLMOPT_QUANT_CPU_DTYPE": "fp32"}, "LLMOPT_QUANT_CPU_DTYPE='fp32'; valid values are 'bfloat16', 'float32'"),
+])
+def test_quantized_linear_env_bad_value_is_a_clear_error(environ, message):
+    with pytest.raises(LLMOptConfigError, match=message):
+        KernelOptions.from_options(None, environ=environ)
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ({"quantized_linear": "native"}, "kernels option 'quantized_linear' got 'native'; valid choices are 'auto'"),
+    ({"int4_cpu_kernel": "auto"}, "kernels option 'int4_cpu_kernel' got 'auto'"),
+    ({"quant_cpu_dtype": "float16"}, "kernels option 'quant_cpu_dtype' got 'float16'"),
+    ({"merge_siblings": 1}, "kernels option 'merge_siblings' must be True or False"),
+])
+def test_quantized_linear_bad_option_is_a_clear_error(kernels, message):
+    with pytest.raises(LLMOptConfigError, match=message):
+        LLMOptConfig.from_options({"kernels": kernels})

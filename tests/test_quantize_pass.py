@@ -29,13 +29,11 @@ EAGER_TOL = dict(atol=1e-4, rtol=1e-4)
 INDUCTOR_TOL = dict(atol=2e-4, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True)
-def _fp32_cpu_kernels(monkeypatch):
-    """These tests check the pass against a dequantized model, so PyTorch's packed CPU
-    kernels keep fp32 activations here (by default they run fp32 inputs in bf16; that
-    path is checked by test_default_cpu_kernels_run_fp32_models_in_bf16 and in
-    tests/kernels/test_quantized_linear.py)."""
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+# These tests check the pass against a dequantized model, so PyTorch's packed CPU
+# kernels keep fp32 activations here (by default they run fp32 inputs in bf16; that
+# path is checked by test_default_cpu_kernels_run_fp32_models_in_bf16 and in
+# tests/kernels/test_quantized_linear.py): _run passes this unless told otherwise.
+EXACT = {"quant_cpu_dtype": "float32"}
 
 
 def _ids(batch=2, length=9, vocab=256, seed=0):
@@ -43,7 +41,7 @@ def _ids(batch=2, length=9, vocab=256, seed=0):
 
 
 def _run(model, ids, **options):
-    options = {"lower": "eager", "strict": True, **options}
+    options = {"lower": "eager", "strict": True, "kernels": EXACT, **options}
     with torch.no_grad():
         return torch.compile(model, backend="llmopt", options=options)(ids).logits
 
@@ -114,17 +112,17 @@ def test_weight_only_modes_match_dequantized_model(mode, group_size):
 
 
 @pytest.mark.parametrize("mode, native", [("int8", False), ("int4", False), ("int4", True), ("fp8", False)])
-def test_sibling_layers_share_one_call_with_unchanged_results(mode, native, monkeypatch):
+def test_sibling_layers_share_one_call_with_unchanged_results(mode, native):
     """q/k/v and gate/up become one call each; the output is bit for bit the unmerged one."""
     from llmopt.kernels import quantized_linear
-    from llmopt.passes import quantize_linear
 
+    kernels = EXACT
     if native:  # the C kernel (bf16 scales, int8 activations), as decode runs by default
-        monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE")
+        kernels = {}
         if not quantized_linear.native_int4_available():
             pytest.skip("no C compiler for the native int4 kernel")
     model, ids = random_llama(heads="gqa", num_layers=2), _ids()
-    merged = _run(model, ids, quantize=mode, group_size=32)
+    merged = _run(model, ids, quantize=mode, group_size=32, kernels=kernels)
     graph = llmopt.last_report().graphs[0]
     calls = sum(count for op, count in graph.ops_after.items() if f"linear_{mode}" in str(op))
     assert calls == 9  # per layer: q/k/v, o, gate/up, down; and lm_head
@@ -133,17 +131,15 @@ def test_sibling_layers_share_one_call_with_unchanged_results(mode, native, monk
     q_proj = next(r for r in rewrites if r.location == "model.layers.0.self_attn.q_proj")
     assert "one call with k_proj and v_proj" in q_proj.detail
     torch._dynamo.reset()
-    monkeypatch.setattr(quantize_linear, "MERGE_SIBLINGS", False)
-    apart = _run(model, ids, quantize=mode, group_size=32)
+    apart = _run(model, ids, quantize=mode, group_size=32, kernels={**kernels, "merge_siblings": False})
     assert torch.equal(merged, apart)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_default_cpu_kernels_run_fp32_models_in_bf16(mode, monkeypatch):
-    monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE")
+def test_default_cpu_kernels_run_fp32_models_in_bf16(mode):
     model = random_llama(heads="gqa", num_layers=2)
     ids = _ids()
-    got = _run(model, ids, quantize=mode, group_size=32)
+    got = _run(model, ids, quantize=mode, group_size=32, kernels={})
     assert got.dtype == torch.float32
     weights = quantize_weights(model, QuantConfig(mode, group_size=32))
     with torch.no_grad():
@@ -367,3 +363,75 @@ def test_smollm2_int4_from_saved_weights(smol, tmp_path, monkeypatch):
     # 45% relative logit error, 80% of greedy tokens the same (int4 g32: 9%, all the same).
     assert error < 0.6 and agree >= 0.6, (error, agree)
     assert any("513.0 MiB float -> 78.6 MiB" in n for n in _notes(llmopt.last_report()))
+
+
+# ---------------------------------------------------------------- kernel options, decided once per site
+
+
+def _native_built():
+    from llmopt.kernels import quantized_linear
+    return quantized_linear.native_int4_available()
+
+
+@pytest.mark.parametrize("mode, kernels, expected", [
+    ("int4", {}, "native"),  # llmopt's C kernel where it builds
+    ("int4", {"int4_cpu_kernel": "torch"}, "torch"),
+    ("int4", {"native": False}, "torch"),
+    ("int4", EXACT, "torch"),  # exactness mode: PyTorch's kernel in fp32
+    ("int8", {}, "torch"),
+    ("int8", {"quantized_linear": "torch"}, "torch"),
+    ("fp8", {}, "torch"),
+    ("w8a8", {}, "torch"),
+])
+def test_report_names_the_kernel_of_each_quantized_site(mode, kernels, expected):
+    if expected == "native" and not _native_built():
+        expected = "torch"
+    model = random_llama(heads="gqa", num_layers=1)
+    report = llmopt.explain(model, _ids(), options={"quantize": mode, "group_size": 32, "kernels": kernels})
+    impls = report.impls("quantize")
+    assert len(impls) == 8 and set(impls.values()) == {expected}  # 7 per layer + lm_head
+    assert f"[impl {expected}]" in str(report)
+
+
+def test_triton_quantized_linear_on_cpu_without_interpreter_is_skipped_with_the_reason():
+    from llmopt.kernels.quantized_linear import _TRITON_INTERPRET
+
+    report = llmopt.explain(random_llama(num_layers=1), _ids(),
+                            options={"quantize": "int8", "kernels": {"quantized_linear": "triton"}})
+    if _TRITON_INTERPRET:  # tests/conftest.py turns Triton's interpreter on: it runs on CPU
+        assert set(report.impls("quantize").values()) == {"triton"}
+    else:
+        assert report.count("quantize") == 0
+        assert "runs on CUDA tensors" in report.unmatched("quantize")[0].reason
+
+
+# Each choice against the dequantized model, with the tolerances of the tests above:
+# fp32 arithmetic (EAGER_TOL), bf16 activations (test_default_cpu_kernels_run_fp32_models_in_bf16),
+# the C kernel's int8 activations (the same bound).
+@pytest.mark.parametrize("mode, kernels, tol", [
+    ("int8", EXACT, EAGER_TOL),
+    ("int8", {}, dict(atol=5e-2, rtol=2e-2)),
+    ("int4", EXACT, EAGER_TOL),
+    ("int4", {"int4_cpu_kernel": "torch"}, dict(atol=5e-2, rtol=2e-2)),
+    ("int4", {}, dict(atol=5e-2, rtol=2e-2)),
+    ("int4", {"native": False, "quant_cpu_dtype": "float32"}, EAGER_TOL),
+])
+def test_each_kernel_choice_matches_the_dequantized_model(mode, kernels, tol):
+    model = random_llama(heads="gqa", num_layers=2)
+    ids = _ids()
+    got = _run(model, ids, quantize=mode, group_size=32, kernels=kernels)
+    weights = quantize_weights(model, QuantConfig(mode, group_size=32))
+    with torch.no_grad():
+        want = _dequantized_copy(model, weights)(ids).logits
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_kernel_choice_is_an_argument_of_each_op_call():
+    """impl (and compute_dtype) are in the graph: nothing is chosen per call."""
+    from llmopt.passes.quantize_linear import KernelChoice, kernel_choice
+
+    config = llmopt.LLMOptConfig.from_options({"quantize": "int8", "kernels": EXACT})
+    assert kernel_choice(config, "int8", torch.empty(4, 4)) == KernelChoice("torch", torch.float32)
+    config = llmopt.LLMOptConfig.from_options({"quantize": "int8"})
+    assert kernel_choice(config, "int8", torch.empty(4, 4)) == KernelChoice("torch", torch.bfloat16)
+    assert kernel_choice(config, "int8", torch.empty(4, 4, dtype=torch.bfloat16)) == KernelChoice("torch")

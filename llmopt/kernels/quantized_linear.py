@@ -61,10 +61,10 @@ the bf16 activations of PyTorch's kernel it is the same order (int8 per block
 of 32 is ~7 bits with a local scale, bf16 8 bits). One layout serves every
 M (decode rows and prefill), so there is no second copy for large M (its
 timings against PyTorch's kernel: docs/PERFORMANCE.md).
-``LLMOPT_INT4_CPU_KERNEL=torch`` installs PyTorch's layout instead,
-as does exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32``: no activation
-rounding; a native-layout weight called in that mode dequantizes to fp32), and
-a missing C compiler (``LLMOPT_NATIVE=0``). CPU calls of ``linear_int4``
+The option ``kernels={"int4_cpu_kernel": "torch"}`` installs PyTorch's layout instead,
+as does exactness mode (``kernels={"quant_cpu_dtype": "float32"}``: no activation
+rounding; a native-layout weight called with ``compute_dtype=torch.float32``
+dequantizes to fp32), and a missing C compiler or ``kernels={"native": False}``. CPU calls of ``linear_int4``
 reach its body straight from the dispatcher: the op is defined with
 ``torch.library`` rather than ``custom_op``, whose Python wrappers cost about
 as much a call as the kernel of a small decode layer (docs/PERFORMANCE.md).
@@ -72,8 +72,15 @@ as much a call as the kernel of a small decode layer (docs/PERFORMANCE.md).
 Other dtypes (fp64), int4 weights whose N is not a multiple of 16 without the
 native kernel (kept in the nibble layout) and int8/int4 on a device without a kernel run a
 dequantize-then-matmul reference. On CUDA, int8/int4/fp8 run the Triton
-kernels of :mod:`llmopt.kernels.triton_quant`; ``LLMOPT_QUANT_IMPL=triton``
-with ``TRITON_INTERPRET=1`` routes CPU tensors to them too (for tests).
+kernels of :mod:`llmopt.kernels.triton_quant` when ``impl="triton"`` (the
+option ``kernels={"quantized_linear": "triton"}``; with ``TRITON_INTERPRET=1``
+CPU tensors too, for tests).
+
+Every switch is an argument of the op call, decided once by the quantize pass
+(``passes/quantize_linear.py``) from the ``kernels`` options and recorded in the
+Report: ``impl`` (``"auto"``, ``"torch"``, ``"triton"``) and, for int8/int4,
+``compute_dtype`` (what fp32 inputs compute in on CPU; None: bf16, or fp32 inside
+:func:`exact_cpu_arithmetic`). Nothing here reads the environment per call.
 """
 
 from __future__ import annotations
@@ -118,19 +125,18 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch, read once
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether the Triton kernels run (:mod:`llmopt.kernels.dispatch`, op ``"quantized_linear"``).
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation (``"torch"`` or ``"triton"``) option value ``impl`` runs on ``device``
+    (:mod:`llmopt.kernels.dispatch`, op ``"quantized_linear"``). ValueError for one that cannot
+    run there (``"triton"`` for CPU tensors without ``TRITON_INTERPRET=1``)."""
+    return dispatch.resolve("quantized_linear", impl, device.type, triton_interpret=_TRITON_INTERPRET)
 
-    By default no: on CUDA too the PyTorch paths run (dequantize + matmul, ``torch._int_mm``)
-    until ``triton_quant`` has a GPU record. ``LLMOPT_QUANT_IMPL=triton`` selects them (on
-    CPU tensors only under ``TRITON_INTERPRET=1``, for tests). Not yet an option of the
-    ``kernels`` group: this variable is still read per call.
-    """
-    impl = os.environ.get("LLMOPT_QUANT_IMPL") or "auto"
-    try:
-        return dispatch.resolve("quantized_linear", impl, device.type, triton_interpret=_TRITON_INTERPRET) == "triton"
-    except ValueError:  # "triton" for CPU tensors without the interpreter: the PyTorch path, as before
-        return False
+
+def use_triton(device: torch.device, impl: str = "auto") -> bool:
+    """Whether the Triton kernels run for ``impl`` on ``device``. By default no: on CUDA too
+    the PyTorch paths run (dequantize + matmul, ``torch._int_mm``) until ``triton_quant`` has
+    a GPU record; ``impl="triton"`` selects them."""
+    return impl != "torch" and resolve_impl(impl, device) == "triton"
 
 
 # ---------------------------------------------------------------- formats
@@ -244,15 +250,17 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("llmopt::linear_int8", mutates_args=())
-def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
+                impl: str = "auto", compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     x2 = _rows(x)
-    if use_triton(x.device):
+    if use_triton(x.device, impl):
         from llmopt.kernels import triton_quant
 
         out = triton_quant.int8_matmul(x2, qweight, scales)
     elif _cpu_int8_kernel_ok(x, qweight):
         x2 = _pad_columns(x2, qweight.shape[1])
-        if x.dtype == torch.float32 and cpu_compute_dtype(x.dtype) == torch.bfloat16 and qweight.shape[1] % 16 == 0:
+        if (x.dtype == torch.float32 and cpu_compute_dtype(x.dtype, compute_dtype) == torch.bfloat16
+                and qweight.shape[1] % 16 == 0):
             # Unit scales in the kernel, the fp32 scales after: no per-channel bf16 scale error.
             ones = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), qweight, ones).float() * scales
@@ -264,7 +272,7 @@ def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tenso
 
 
 @linear_int8.register_fake
-def _(x, qweight, scales, bias=None):
+def _(x, qweight, scales, bias=None, impl="auto", compute_dtype=None):
     return _out_like(x, qweight.shape[0])
 
 
@@ -275,9 +283,11 @@ def _linear_int4(
     group_size: int,
     layout: str = "nibble",
     bias: Optional[Tensor] = None,
+    impl: str = "auto",
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     if layout == "cpu_native":
-        return _linear_int4_native(x, qweight, scales_zeros, group_size, bias)
+        return _linear_int4_native(x, qweight, scales_zeros, group_size, bias, compute_dtype)
     x2 = _rows(x)
     if layout == "cpu_tiled":
         if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES:
@@ -286,11 +296,11 @@ def _linear_int4(
                 f"got {x.dtype} on {x.device}"
             )
         x2 = _pad_columns(x2, qweight.shape[1] * 2)
-        dtype = cpu_compute_dtype(x.dtype)
+        dtype = cpu_compute_dtype(x.dtype, compute_dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dtype), qweight, group_size, scales_zeros.to(dtype))
     elif layout != "nibble":
         raise ValueError(f"llmopt::linear_int4: layout {layout!r}; valid choices are {INT4_LAYOUTS}")
-    elif use_triton(x.device):
+    elif use_triton(x.device, impl):
         from llmopt.kernels import triton_quant
 
         out = triton_quant.int4_matmul(x2, qweight, scales_zeros, group_size)
@@ -306,16 +316,15 @@ def _linear_int4(
 # The body returns fresh tensors (no aliasing); no autograd (frozen weights).
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
 _LIB.define("linear_int4(Tensor x, Tensor qweight, Tensor scales_zeros, SymInt group_size, "
-            "str layout=\"nibble\", Tensor? bias=None) -> Tensor")
+            "str layout=\"nibble\", Tensor? bias=None, str impl=\"auto\", "
+            "ScalarType? compute_dtype=None) -> Tensor")
 _LIB.impl("linear_int4", _linear_int4, "CompositeExplicitAutograd")
 linear_int4 = torch.ops.llmopt.linear_int4.default
 
 
 def native_int4_available() -> bool:
-    """Whether the ``"cpu_native"`` int4 kernel is built and not switched off
-    (``LLMOPT_INT4_CPU_KERNEL=torch`` selects PyTorch's kernel)."""
-    if os.environ.get("LLMOPT_INT4_CPU_KERNEL", "native") == "torch":
-        return False
+    """Whether the ``"cpu_native"`` int4 kernel is built (the ``kernels`` options
+    ``int4_cpu_kernel`` and ``native`` decide whether the quantize pass uses it)."""
     return _native_int4_fn() is not None
 
 
@@ -337,10 +346,10 @@ def _native_int4_fn():
 
 
 def _linear_int4_native(x: Tensor, qweight: Tensor, scales: Tensor, group_size: int,
-                        bias: Optional[Tensor]) -> Tensor:
+                        bias: Optional[Tensor], compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The ``"cpu_native"`` layout: int8 activations (per block of 32) times int4 weights in C.
 
-    Exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32``) and a missing library
+    Exactness (``compute_dtype=torch.float32`` for fp32 inputs) and a missing library
     dequantize instead (fp32 weights, no activation quantization). Kept lean: this
     runs 211 times per decoded token of SmolLM2-135M.
     """
@@ -355,7 +364,7 @@ def _linear_int4_native(x: Tensor, qweight: Tensor, scales: Tensor, group_size: 
                          "(made by to_cpu_native_int4_layout)")
     n, kp, k = qweight.shape[0], qweight.shape[1] * 2, x.shape[-1]
     fn = _NATIVE_INT4[0] if _NATIVE_INT4 else _native_int4_fn()
-    if fn is None or (dtype == torch.float32 and cpu_compute_dtype(dtype) == torch.float32):
+    if fn is None or (dtype == torch.float32 and cpu_compute_dtype(dtype, compute_dtype) == torch.float32):
         nibbles, scales_zeros = from_cpu_native_int4_layout(qweight, scales)
         weight = dequantize_int4(nibbles, scales_zeros, group_size, dtype)[:, :k]
         return _finish(_rows(x) @ weight.t(), x, bias)
@@ -373,14 +382,15 @@ def _linear_int4_native(x: Tensor, qweight: Tensor, scales: Tensor, group_size: 
 
 
 @torch.library.register_fake("llmopt::linear_int4")
-def _(x, qweight, scales_zeros, group_size, layout="nibble", bias=None):
+def _(x, qweight, scales_zeros, group_size, layout="nibble", bias=None, impl="auto", compute_dtype=None):
     return _out_like(x, qweight.shape[0])
 
 
 @torch.library.custom_op("llmopt::linear_fp8", mutates_args=())
-def linear_fp8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear_fp8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
+               impl: str = "auto") -> Tensor:
     x2 = _rows(x)
-    if use_triton(x.device):
+    if use_triton(x.device, impl):
         from llmopt.kernels import triton_quant
 
         out = triton_quant.fp8_matmul(x2, qweight, scales)
@@ -392,7 +402,7 @@ def linear_fp8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor
 
 
 @linear_fp8.register_fake
-def _(x, qweight, scales, bias=None):
+def _(x, qweight, scales, bias=None, impl="auto"):
     return _out_like(x, qweight.shape[0])
 
 
@@ -441,8 +451,8 @@ _EXACT_CPU = contextvars.ContextVar("llmopt_exact_quantized_cpu", default=False)
 @contextlib.contextmanager
 def exact_cpu_arithmetic():
     """Within this block, fp32 models' quantized layers are installed and run in fp32
-    on CPU (fp32 scales, no bf16 or int8 activations), as ``LLMOPT_QUANT_CPU_DTYPE=float32``
-    does for the whole process. The ONNX export uses it: ONNX Runtime computes in fp32."""
+    on CPU (fp32 scales, no bf16 or int8 activations), as ``kernels={"quant_cpu_dtype":
+    "float32"}`` does for one compile. The ONNX export uses it: ONNX Runtime computes in fp32."""
     token = _EXACT_CPU.set(True)
     try:
         yield
@@ -450,18 +460,21 @@ def exact_cpu_arithmetic():
         _EXACT_CPU.reset(token)
 
 
-def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def cpu_compute_dtype(dtype: torch.dtype, compute_dtype: Optional[torch.dtype] = None) -> torch.dtype:
     """The activation dtype PyTorch's packed CPU int8/int4 kernels run in for ``dtype`` inputs.
 
     fp32 activations go in as bf16: those kernels' fp32 paths are many times slower
     than their bf16 paths at decode shapes (docs/PERFORMANCE.md), and a weight-only quantized layer has
     already traded more precision than bf16 rounding of its input costs.
-    ``LLMOPT_QUANT_CPU_DTYPE=float32`` or :func:`exact_cpu_arithmetic` keep fp32.
+    ``compute_dtype`` (the op call's argument, which the quantize pass sets from the
+    ``kernels.quant_cpu_dtype`` option) decides for fp32 inputs; None: bf16, unless
+    within :func:`exact_cpu_arithmetic`.
     """
-    if (dtype == torch.float32 and not _EXACT_CPU.get()
-            and os.environ.get("LLMOPT_QUANT_CPU_DTYPE", "bfloat16") != "float32"):
-        return torch.bfloat16
-    return dtype
+    if dtype != torch.float32:
+        return dtype
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float32 if _EXACT_CPU.get() else torch.bfloat16
 
 
 def _cpu_int8_kernel_ok(x: Tensor, qweight: Tensor) -> bool:

@@ -20,7 +20,15 @@ q/k/v and gate/up projections), share one call: their quantized weights are
 stacked along the output features and each layer's output is a ``narrow`` of
 the call's. Rows are quantized independently in every mode that merges
 (int8, int4, fp8), so the weights are the same as apart; decode saves the
-per-call cost of 3 of the 7 calls per layer (its effect: docs/PERFORMANCE.md).
+per-call cost of 3 of the 7 calls per layer (its effect: docs/PERFORMANCE.md);
+``kernels={"merge_siblings": False}`` keeps one call per layer.
+
+Which kernel each quantized call runs is decided here, once per site, from the
+``kernels`` options (``quantized_linear``, ``int4_cpu_kernel``, ``native``,
+``quant_cpu_dtype``; :mod:`llmopt.kernels.options`) and the weight's device
+(:func:`llmopt.kernels.dispatch.resolve`): the choice is the op call's ``impl``
+(and ``compute_dtype``) argument, and ``Rewrite.impl`` in the Report names it
+(``"native"``: llmopt's C int4 kernel; ``"torch"``; ``"triton"``).
 
 Left alone, with the reason: graphs that compute gradients (quantized
 weights are constants and would get none), weights that are not parameters,
@@ -89,20 +97,26 @@ class QuantizeLinear(GraphPass):
             if not isinstance(weight, torch.Tensor) or isinstance(weight, torch._subclasses.FakeTensor):
                 result.skipped.append(Skipped(KIND, layer, "no real value for the weight (fake or sparse)"))
                 continue
-            linears.append(_Linear(node, layer, weight_node, weight))
+            try:
+                choice = kernel_choice(ctx.config, qconfig.mode, weight)
+            except ValueError as why:  # e.g. kernels.quantized_linear="triton" for CPU weights
+                result.skipped.append(Skipped(KIND, layer, str(why)))
+                continue
+            linears.append(_Linear(node, layer, weight_node, weight, choice))
         installed: dict[tuple, list[Any]] = {}  # weight nodes -> op inputs (a weight used twice is quantized once)
         before = after = merged = 0
-        for group in _sibling_groups(linears, qconfig):
+        for group in _sibling_groups(linears, qconfig, ctx.config.kernels.merge_siblings):
             key = tuple(linear.weight_node for linear in group)
             if key not in installed:
-                prepared = _prepare(group, qconfig, saved)
+                prepared = _prepare(group, qconfig, saved, group[0].choice)
                 installed[key] = _install(gm, _buffer_name(group), prepared.inputs)
                 for linear in group:
                     share = prepared.nbytes * linear.weight.shape[0] // prepared.out_features
                     before += linear.weight.numel() * linear.weight.element_size()
                     after += share
-                    result.rewrites.append(Rewrite(KIND, linear.layer, prepared.detail(linear, share, group)))
-            _replace(gm, group, installed[key], qconfig, fake_mode)
+                    result.rewrites.append(Rewrite(KIND, linear.layer, prepared.detail(linear, share, group),
+                                                   impl=prepared.impl))
+            _replace(gm, group, installed[key], qconfig, fake_mode, group[0].choice)
             merged += len(group) if len(group) > 1 else 0
         if installed:
             calls = len(installed)
@@ -115,6 +129,43 @@ class QuantizeLinear(GraphPass):
         return result
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """How one quantized site runs, decided when the graph is compiled.
+
+    impl: ``"torch"`` or ``"triton"`` (the op call's ``impl``); compute_dtype: what
+    fp32 inputs compute in on CPU (the op's ``compute_dtype``; None off CPU or for
+    other dtypes); native_int4: int4 on CPU through llmopt's C kernel.
+    """
+
+    impl: str
+    compute_dtype: Optional[torch.dtype] = None
+    native_int4: bool = False
+
+    @property
+    def label(self) -> str:
+        """What the Report names (``Rewrite.impl``)."""
+        return "native" if self.native_int4 else self.impl
+
+
+def kernel_choice(config, mode: str, weight: torch.Tensor) -> KernelChoice:
+    """The kernel a ``mode`` site with this weight runs, from ``config.kernels`` (once per site).
+    Raises ValueError for an implementation that cannot run on the weight's device."""
+    kernels = config.kernels
+    device = weight.device
+    impl = "torch" if mode == "w8a8" else qlinear.resolve_impl(kernels.quantized_linear, device)
+    if device.type != "cpu" or impl != "torch":
+        return KernelChoice(impl)
+    compute = None
+    if weight.dtype == torch.float32:
+        exact = kernels.quant_cpu_dtype == "float32" or qlinear._EXACT_CPU.get()
+        compute = torch.float32 if exact else torch.bfloat16
+    native = (mode == "int4" and kernels.int4_cpu_kernel == "native" and kernels.native
+              and weight.dtype in qlinear.CPU_KERNEL_DTYPES and compute != torch.float32
+              and qlinear.native_int4_available())
+    return KernelChoice(impl, compute, native)
+
+
 @dataclass
 class _Linear:
     """One float linear the pass quantizes."""
@@ -123,26 +174,27 @@ class _Linear:
     layer: str
     weight_node: Node
     weight: torch.Tensor
+    choice: KernelChoice
 
 
 # Modes whose quantized weights concatenate along the output features (w8a8's
 # smoothing factors differ from layer to layer, so its siblings stay apart).
 MERGEABLE_MODES = ("int8", "int4", "fp8")
-MERGE_SIBLINGS = True  # tests switch it off to compare against unmerged graphs
 
 
-def _sibling_groups(linears: list[_Linear], qconfig: QuantConfig) -> list[list[_Linear]]:
+def _sibling_groups(linears: list[_Linear], qconfig: QuantConfig, merge: bool = True) -> list[list[_Linear]]:
     """Linears in graph order, siblings grouped: layers reading the same input with
     weights of one dtype and width and no bias (a Llama layer's q/k/v and gate/up)
     become one call of the quantized kernel, one weight read and one dispatch
     instead of three. Their rows are quantized exactly as if they were apart."""
-    if not MERGE_SIBLINGS or qconfig.mode not in MERGEABLE_MODES:
+    if not merge or qconfig.mode not in MERGEABLE_MODES:
         return [[linear] for linear in linears]
     groups: dict[tuple, list[_Linear]] = {}
     order: list[list[_Linear]] = []
     seen_weights: set[Node] = set()
     for linear in linears:
-        key = (_arg(linear.node, 0, "input"), linear.weight.dtype, linear.weight.device, linear.weight.shape[1])
+        key = (_arg(linear.node, 0, "input"), linear.weight.dtype, linear.weight.device, linear.weight.shape[1],
+               linear.choice)
         alone = (_arg(linear.node, 2, "bias") is not None or linear.weight_node in seen_weights
                  or not isinstance(key[0], Node))
         seen_weights.add(linear.weight_node)
@@ -198,6 +250,7 @@ class _Prepared:
     out_features: int
     label: str
     origin: str
+    impl: str = ""
 
     def detail(self, linear: _Linear, nbytes: int, group: list[_Linear]) -> str:
         float_bytes = linear.weight.numel() * linear.weight.element_size()
@@ -217,12 +270,11 @@ class _Prepared:
 _PREPARED = WeakIdKeyDictionary()
 
 
-def _prepare(group: list[_Linear], qconfig: QuantConfig, saved: Optional[QuantizedWeights]) -> _Prepared:
+def _prepare(group: list[_Linear], qconfig: QuantConfig, saved: Optional[QuantizedWeights],
+             choice: KernelChoice) -> _Prepared:
     first = group[0].weight
     key = (tuple(linear.layer for linear in group), tuple(id(linear.weight) for linear in group),
-           qconfig.mode, qconfig.group_size, first.dtype, qlinear.cpu_compute_dtype(first.dtype),
-           str(first.device), qconfig.mode == "int4" and first.device.type == "cpu" and _native_int4(first.dtype),
-           qlinear.use_triton(first.device), _saved_key(saved))
+           qconfig.mode, qconfig.group_size, first.dtype, str(first.device), choice, _saved_key(saved))
     versions = tuple(linear.weight._version for linear in group)
     out_features = sum(linear.weight.shape[0] for linear in group)
     entries = _PREPARED.setdefault(first, {})
@@ -230,16 +282,16 @@ def _prepare(group: list[_Linear], qconfig: QuantConfig, saved: Optional[Quantiz
     if hit is not None and hit[0] == versions:
         inputs = [ref() if isinstance(ref, weakref.ref) else ref for ref in hit[4]]
         if all(i is not None for i, ref in zip(inputs, hit[4]) if isinstance(ref, weakref.ref)):
-            return _Prepared(inputs, hit[2], out_features, hit[1], "shared with an earlier graph")
+            return _Prepared(inputs, hit[2], out_features, hit[1], "shared with an earlier graph", choice.label)
     parts = [_quantized(linear.layer, linear.weight, qconfig, saved) for linear in group]
     quantized = quantize_module.stack_rows([part for part, _ in parts])
     origins = sorted({origin for _, origin in parts})
     origin = origins[0] if len(origins) == 1 else "partly " + " and partly ".join(origins)
     label = f"int4 g{quantized.group_size}" if quantized.mode == "int4" else quantized.mode
-    inputs = _kernel_inputs(quantized, first)
+    inputs = _kernel_inputs(quantized, first, choice)
     # Bytes as installed (CPU: scales in the weight's dtype, int8 padded to 16 columns).
     nbytes = sum(i.numel() * i.element_size() for i in inputs if isinstance(i, torch.Tensor))
-    prepared = _Prepared(inputs, nbytes, out_features, label, origin)
+    prepared = _Prepared(inputs, nbytes, out_features, label, origin, choice.label)
     refs = [weakref.ref(i) if isinstance(i, torch.Tensor) else i for i in prepared.inputs]
     entries[key] = (versions, label, prepared.nbytes, origin, refs)
     return prepared
@@ -298,20 +350,20 @@ class _Buffer(str):
     """Name of a tensor installed on the graph module (read through a get_attr node)."""
 
 
-def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
+def _kernel_inputs(quantized, weight: torch.Tensor, choice: KernelChoice) -> list[Any]:
     """The op's arguments after ``x`` (bias and group size aside), on the weight's
     device, in the layout its kernel reads."""
     t = {k: v.to(weight.device) for k, v in quantized.tensors.items()}
-    cpu = weight.device.type == "cpu" and not qlinear.use_triton(weight.device)
+    cpu = weight.device.type == "cpu" and choice.impl != "triton"
     if cpu and quantized.mode == "int8":
         t["scales"] = t["scales"].to(weight.dtype)
-    if quantized.mode == "int4" and cpu and _native_int4(weight.dtype):
+    if quantized.mode == "int4" and cpu and choice.native_int4:
         # llmopt's C kernel (int8 activations x int4 weights): any N, its own tile order, bf16 scales.
         qweight, scales = qlinear.to_cpu_native_int4_layout(t["qweight"], t["scales_zeros"])
         return [qweight, scales, "cpu_native"]
     if cpu and quantized.mode == "int4":
         # PyTorch's CPU kernel takes its scales in the dtype it computes in (bf16 for fp32 models).
-        t["scales_zeros"] = t["scales_zeros"].to(qlinear.cpu_compute_dtype(weight.dtype))
+        t["scales_zeros"] = t["scales_zeros"].to(qlinear.cpu_compute_dtype(weight.dtype, choice.compute_dtype))
     if quantized.mode == "int4":
         # PyTorch's CPU int4 kernel needs N % 16 == 0; other shapes keep the nibble layout (reference path).
         tiled = cpu and quantized.out_features % 16 == 0 and weight.dtype in qlinear.CPU_KERNEL_DTYPES
@@ -324,23 +376,14 @@ def _kernel_inputs(quantized, weight: torch.Tensor) -> list[Any]:
     return [t["qweight"], t["scales"]]
 
 
-def _native_int4(dtype: torch.dtype) -> bool:
-    """Whether CPU int4 layers of a ``dtype`` model get the ``"cpu_native"`` layout: the C
-    kernel is built and not switched off (``LLMOPT_INT4_CPU_KERNEL=torch``), and fp32
-    models are not in exactness mode (``LLMOPT_QUANT_CPU_DTYPE=float32`` keeps
-    PyTorch's kernel with fp32 activations and scales)."""
-    if dtype not in qlinear.CPU_KERNEL_DTYPES or qlinear.cpu_compute_dtype(dtype) == torch.float32:
-        return False
-    return qlinear.native_int4_available()
-
-
 def _install(gm: GraphModule, layer: str, inputs: list[Any]) -> list[Any]:
     """Register the tensors among ``inputs`` as constants on ``gm`` (replaced by their names)."""
     return [_Buffer(install_constant(gm, BUFFER_PREFIX, f"{layer}_{i}", value)) if isinstance(value, torch.Tensor)
             else value for i, value in enumerate(inputs)]
 
 
-def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfig: QuantConfig, fake_mode) -> None:
+def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfig: QuantConfig, fake_mode,
+             choice: KernelChoice) -> None:
     """One quantized call for the group; each member's output is its slice of the call's."""
     graph = gm.graph
     first = group[0].node
@@ -352,7 +395,12 @@ def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfi
             args = (x, qweight, scales_zeros, qconfig.group_size, layout, bias)
         else:
             args = (x, *inputs, bias)
-        call = graph.call_function(OPS[qconfig.mode], args)
+        kwargs: dict[str, Any] = {}
+        if qconfig.mode != "w8a8":
+            kwargs["impl"] = choice.impl
+            if qconfig.mode != "fp8" and choice.compute_dtype is not None:
+                kwargs["compute_dtype"] = choice.compute_dtype
+        call = graph.call_function(OPS[qconfig.mode], args, kwargs)
         copy_location_meta(first, call)
         outputs = [call]
         if len(group) > 1:

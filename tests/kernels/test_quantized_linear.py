@@ -8,7 +8,7 @@ thing across shapes.
 
 On a CPU-only machine the Triton kernels run under the interpreter
 (TRITON_INTERPRET=1, set in tests/conftest.py) through the ops, with
-``LLMOPT_QUANT_IMPL=triton``; on a CUDA machine they run on the GPU.
+``impl="triton"``; on a CUDA machine they run on the GPU.
 """
 
 import os
@@ -46,34 +46,35 @@ def _x(m, k, dtype, seed=1):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _op_call(q, x, bias=None, layout="nibble"):
+def _op_call(q, x, bias=None, layout="nibble", impl="auto", compute_dtype=None):
     """Call the op for QuantizedLinear ``q`` as the pass does: PyTorch's CPU kernels get
-    their scales in x's dtype."""
-    t = _as_installed(q, x.dtype).tensors
+    their scales in x's dtype (int4: the dtype they compute in)."""
+    t = _as_installed(q, x.dtype, impl, compute_dtype).tensors
     if q.mode == "int8":
         qweight = ql.pad_int8_for_cpu(t["qweight"]) if layout == "cpu_tiled" else t["qweight"]
-        return ql.linear_int8(x, qweight, t["scales"], bias)
+        return ql.linear_int8(x, qweight, t["scales"], bias, impl=impl, compute_dtype=compute_dtype)
     if q.mode == "int4":
         qweight = ql.to_cpu_int4_layout(t["qweight"]) if layout == "cpu_tiled" else t["qweight"]
-        return ql.linear_int4(x, qweight, t["scales_zeros"], q.group_size, layout, bias)
+        return ql.linear_int4(x, qweight, t["scales_zeros"], q.group_size, layout, bias, impl=impl,
+                              compute_dtype=compute_dtype)
     if q.mode == "fp8":
-        return ql.linear_fp8(x, t["qweight"], t["scales"], bias)
+        return ql.linear_fp8(x, t["qweight"], t["scales"], bias, impl=impl)
     return ql.linear_w8a8(x, t["qweight"], t["scales"], t.get("smooth"), bias)
 
 
-def _as_installed(q, dtype):
+def _as_installed(q, dtype, impl="auto", compute_dtype=None):
     t = dict(q.tensors)
-    if q.mode in ("int8", "int4") and not ql.use_triton(t["qweight"].device):
+    if q.mode in ("int8", "int4") and not ql.use_triton(t["qweight"].device, impl):
         if "scales" in t:
             t["scales"] = t["scales"].to(dtype)
         if "scales_zeros" in t:
-            t["scales_zeros"] = t["scales_zeros"].to(ql.cpu_compute_dtype(dtype))
+            t["scales_zeros"] = t["scales_zeros"].to(ql.cpu_compute_dtype(dtype, compute_dtype))
     return type(q)(q.mode, q.in_features, q.out_features, t, q.group_size)
 
 
-def _reference(q, x, bias=None):
+def _reference(q, x, bias=None, impl="auto"):
     """fp64 dequantize-then-matmul, with the scales the op was given."""
-    weight = _as_installed(q, x.dtype).dequantize(torch.float64)
+    weight = _as_installed(q, x.dtype, impl).dequantize(torch.float64)
     out = x.double() @ weight.t()
     return out if bias is None else out + bias.double()
 
@@ -133,8 +134,7 @@ CPU_CASES = [
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("mode, n, k, group_size, layout", CPU_CASES)
-def test_cpu_op_matches_dequantized_reference(mode, n, k, group_size, layout, dtype, m, monkeypatch):
-    monkeypatch.delenv("LLMOPT_QUANT_IMPL", raising=False)
+def test_cpu_op_matches_dequantized_reference(mode, n, k, group_size, layout, dtype, m):
     if mode == "fp8" and dtype == BF16:
         pytest.skip("covered by fp32: the emulated fp8 path is the same code")
     q = quantize_weight(_weight(n, k).float(), mode, group_size or 128)
@@ -152,13 +152,14 @@ def test_cpu_op_matches_dequantized_reference(mode, n, k, group_size, layout, dt
 
 
 @pytest.mark.parametrize("mode, n, k, group_size, layout", [c for c in CPU_CASES if c[4] == "cpu_tiled"])
-def test_cpu_packed_kernels_in_fp32_on_request(mode, n, k, group_size, layout, monkeypatch):
-    """LLMOPT_QUANT_CPU_DTYPE=float32 keeps fp32 activations: fp32 accuracy again."""
-    monkeypatch.delenv("LLMOPT_QUANT_IMPL", raising=False)
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
+def test_cpu_packed_kernels_in_fp32_on_request(mode, n, k, group_size, layout):
+    """compute_dtype=float32 (kernels.quant_cpu_dtype="float32") keeps fp32 activations:
+    fp32 accuracy again."""
     q = quantize_weight(_weight(n, k).float(), mode, group_size or 128)
     x = _x(5, k, F32)
-    _assert_close(_op_call(q, x, layout=layout), _reference(q, x), F32)
+    got = _op_call(q, x, layout=layout, compute_dtype=F32)
+    q_fp32 = _as_installed(q, F32, compute_dtype=F32)
+    _assert_close(got, x.double() @ q_fp32.dequantize(torch.float64).t(), F32)
 
 
 def _w8a8_reference(q, x):
@@ -225,11 +226,10 @@ def triton_impl(monkeypatch):
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
     from llmopt.kernels import triton_quant
 
-    monkeypatch.setenv("LLMOPT_QUANT_IMPL", "triton")
     launches = []
     launch = triton_quant._launch
     monkeypatch.setattr(triton_quant, "_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
-    yield
+    yield "triton"
     assert launches, "the Triton kernels were not called"
 
 
@@ -241,9 +241,9 @@ def test_triton_kernel_matches_dequantized_reference(mode, dtype, m, triton_impl
     # multiple of the group, so the last group is partly padding).
     q = _on_device(quantize_weight(_weight(33, 70).float(), mode, 32))
     x = _x(m, 70, dtype).to(DEVICE)
-    got = _op_call(q, x)
+    got = _op_call(q, x, impl=triton_impl)
     assert got.dtype == dtype
-    _assert_close(got.cpu(), _reference(q, x).cpu(), dtype)
+    _assert_close(got.cpu(), _reference(q, x, impl=triton_impl).cpu(), dtype)
 
 
 @pytest.mark.parametrize("group_size", [64, 256])
@@ -251,7 +251,7 @@ def test_triton_int4_other_group_sizes(group_size, triton_impl):
     q = _on_device(quantize_weight(_weight(20, 300).float(), "int4", group_size))
     for m in (2, 18):  # one GEMV, one GEMM
         x = _x(m, 300, F32).to(DEVICE)
-        _assert_close(_op_call(q, x).cpu(), _reference(q, x).cpu(), F32)
+        _assert_close(_op_call(q, x, impl=triton_impl).cpu(), _reference(q, x, impl=triton_impl).cpu(), F32)
 
 
 def _on_device(q):
@@ -402,47 +402,55 @@ def test_native_layout_roundtrip(n, k, group_size):
     assert torch.equal(scales_zeros, q.tensors["scales_zeros"].to(BF16))
 
 
-def test_native_layout_without_the_library_falls_back(monkeypatch):
-    """No compiler / LLMOPT_NATIVE=0: the op dequantizes (exact fp32), the pass installs
-    PyTorch's layout."""
-    from llmopt.kernels import native
+def _installed_layout(q, weight, **kernels):
+    """The int4 layout the quantize pass installs for ``weight`` under ``kernels`` options."""
+    from llmopt import LLMOptConfig
     from llmopt.passes import quantize_linear
 
+    choice = quantize_linear.kernel_choice(LLMOptConfig(kernels=kernels), "int4", weight)
+    return quantize_linear._kernel_inputs(q, weight, choice)[2]
+
+
+def test_native_layout_without_the_library_falls_back(monkeypatch):
+    """No compiler: the op dequantizes (exact fp32), the pass installs PyTorch's layout.
+    kernels={"native": False} installs PyTorch's layout too."""
+    from llmopt.kernels import native
+
     monkeypatch.setattr(native, "load", lambda name: None)
-    monkeypatch.setattr(ql, "_NATIVE_INT4", [])
+    monkeypatch.setattr(ql, "_NATIVE_INT4", [])  # no option can stand for a missing compiler
     assert not ql.native_int4_available()
     q = quantize_weight(_weight(33, 70).float(), "int4", 32)
     x = _x(3, 70, F32)
     _assert_close(ql.linear_int4(x, *_native_args(q)), _reference(_bf16_scales(q), x), F32)
-    inputs = quantize_linear._kernel_inputs(q, torch.empty(33, 70))
-    assert inputs[2] == "nibble"  # N % 16 != 0: not PyTorch's tiled kernel either
+    assert _installed_layout(q, torch.empty(33, 70)) == "nibble"  # N % 16 != 0: not PyTorch's tiled kernel
     q48 = quantize_weight(_weight(48, 70).float(), "int4", 32)
-    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
+    assert _installed_layout(q48, torch.empty(48, 70)) == "cpu_tiled"
+
+
+def test_native_option_off_installs_pytorchs_layout():
+    q48 = quantize_weight(_weight(48, 70).float(), "int4", 32)
+    assert _installed_layout(q48, torch.empty(48, 70), native=False) == "cpu_tiled"
 
 
 @needs_native
-def test_pass_chooses_native_layout_unless_switched_off(monkeypatch):
-    from llmopt.passes import quantize_linear
-
+def test_pass_chooses_native_layout_unless_switched_off():
     q = quantize_weight(_weight(33, 70).float(), "int4", 32)
-    assert quantize_linear._kernel_inputs(q, torch.empty(33, 70))[2] == "cpu_native"  # any N
-    assert quantize_linear._kernel_inputs(q, torch.empty(33, 70, dtype=BF16))[2] == "cpu_native"
-    monkeypatch.setenv("LLMOPT_INT4_CPU_KERNEL", "torch")
+    assert _installed_layout(q, torch.empty(33, 70)) == "cpu_native"  # any N
+    assert _installed_layout(q, torch.empty(33, 70, dtype=BF16)) == "cpu_native"
     q48 = quantize_weight(_weight(48, 70).float(), "int4", 32)
-    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
-    monkeypatch.delenv("LLMOPT_INT4_CPU_KERNEL")
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")  # exactness mode keeps fp32 scales
-    assert quantize_linear._kernel_inputs(q48, torch.empty(48, 70))[2] == "cpu_tiled"
+    assert _installed_layout(q48, torch.empty(48, 70), int4_cpu_kernel="torch") == "cpu_tiled"
+    # exactness mode keeps fp32 scales and PyTorch's kernel
+    assert _installed_layout(q48, torch.empty(48, 70), quant_cpu_dtype="float32") == "cpu_tiled"
 
 
 @needs_native
-def test_native_layout_in_exactness_mode_is_exact(monkeypatch):
-    """A native-layout weight called with LLMOPT_QUANT_CPU_DTYPE=float32: no activation
+def test_native_layout_in_exactness_mode_is_exact():
+    """A native-layout weight called with compute_dtype=float32: no activation
     rounding, fp32 accuracy against the (bf16) scales it holds."""
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
     q = quantize_weight(_weight(33, 70).float(), "int4", 64)
     x = _x(2, 70, F32)
-    _assert_close(ql.linear_int4(x, *_native_args(q)), _reference(_bf16_scales(q), x), F32)
+    got = ql.linear_int4(x, *_native_args(q), compute_dtype=F32)
+    _assert_close(got, _reference(_bf16_scales(q), x), F32)
 
 
 @needs_native
@@ -464,11 +472,10 @@ def test_onnx_conversion_reads_the_native_layout():
         assert torch.equal(getattr(native, name), getattr(nibble, name)), name
 
 
-def test_exact_cpu_arithmetic_is_scoped(monkeypatch):
+def test_exact_cpu_arithmetic_is_scoped():
     # The ONNX export asks for fp32 quantized layers only while it traces; the
     # process-wide default (bf16 activations on CPU) must come back afterwards,
     # also when the block raises.
-    monkeypatch.delenv("LLMOPT_QUANT_CPU_DTYPE", raising=False)
     assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
     with ql.exact_cpu_arithmetic():
         assert ql.cpu_compute_dtype(torch.float32) == torch.float32
@@ -477,5 +484,6 @@ def test_exact_cpu_arithmetic_is_scoped(monkeypatch):
     with pytest.raises(RuntimeError), ql.exact_cpu_arithmetic():
         raise RuntimeError("export failed")
     assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
-    monkeypatch.setenv("LLMOPT_QUANT_CPU_DTYPE", "float32")
-    assert ql.cpu_compute_dtype(torch.float32) == torch.float32
+    assert ql.cpu_compute_dtype(torch.float32, torch.float32) == torch.float32  # the op's compute_dtype
+    with ql.exact_cpu_arithmetic():  # an explicit compute_dtype wins
+        assert ql.cpu_compute_dtype(torch.float32, torch.bfloat16) == torch.bfloat16

@@ -49,7 +49,8 @@ def _llmopt_int4(weight, group_size, layout):
 def test_int4_conversion_matches_llmopt_linear_int4(layout, n, k, group_size):
     qweight, scales_zeros = _llmopt_int4(_weight(n, k), group_size, layout)
     x, bias = _x(5, k), torch.randn(n)
-    expected = ql.linear_int4(x, qweight, scales_zeros, group_size, layout, bias)
+    # fp32 arithmetic, as the export asks for (kernels.quant_cpu_dtype="float32")
+    expected = ql.linear_int4(x, qweight, scales_zeros, group_size, layout, bias, compute_dtype=torch.float32)
     w = from_llmopt_int4(qweight, scales_zeros, group_size, layout, k, torch.float32)
     assert w.b.shape == (n, -(-k // group_size), group_size // 2) and w.b.dtype == torch.uint8
     assert w.zero_points is None  # the default, 8; llmopt's float zeros are the block offsets
@@ -62,7 +63,7 @@ def test_int8_conversion_matches_llmopt_linear_int8(k):
     q = quantize_weight(_weight(n, k), "int8")
     qweight = ql.pad_int8_for_cpu(q.tensors["qweight"])
     x = _x(3, k)
-    expected = ql.linear_int8(x, qweight, q.tensors["scales"])
+    expected = ql.linear_int8(x, qweight, q.tensors["scales"], compute_dtype=torch.float32)
     w = from_llmopt_int8(qweight, q.tensors["scales"], k, torch.float32)
     assert w.zero_points is None and w.offsets is None  # 8-bit: the default zero point, 128
     torch.testing.assert_close(w.linear(x), expected, atol=ATOL, rtol=RTOL)

@@ -23,6 +23,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from llmopt.onnx.runtime import OnnxCausalLM  # noqa: E402  (needs onnxruntime)
 
+# llmopt runs fp32 int4/int8 layers in bf16 on CPU by default (for speed); the export
+# computes in fp32 (MatMulNBits, accuracy_level 0), so references taken from llmopt use
+# its fp32 path: the comparison is then of the same arithmetic.
+EXACT = {"quant_cpu_dtype": "float32"}
+
 PROVIDERS = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
 PROVIDERS.append("CPUExecutionProvider")
 
@@ -44,7 +49,7 @@ CASES = {
 
 
 def _llmopt_logits(model, options, input_ids, position_ids):
-    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", **options})
+    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", "kernels": EXACT, **options})
     with torch.no_grad():
         return model_logits(compiled, input_ids, position_ids).numpy()
 
@@ -108,7 +113,7 @@ def test_greedy_generation_is_token_identical_to_llmopt(exported):
     from llmopt.runtime.generate import generate
 
     prompt = [3, 17, 99, 4, 250, 8]
-    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", **options})
+    compiled = torch.compile(model, backend="llmopt", options={"lower": "eager", "kernels": EXACT, **options})
     expected, _ = generate(compiled, None, torch.tensor([prompt]), 12, eos_token_ids=())
     assert session.generate_greedy(prompt, 12) == expected
 
