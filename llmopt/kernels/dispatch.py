@@ -23,7 +23,8 @@ IMPLS = {
     "attention": {"native": ("cpu",), "torch": ("cpu", "cuda"), "sdpa": ("cpu", "cuda"), "triton": ("cuda",)},
     "paged_attention": {"native": ("cpu",), "torch": ("cpu",), "gather_sdpa": ("cpu", "cuda"),
                         "triton": ("cuda",)},
-    # llmopt::linear_int8/int4/fp8 (the int4 CPU kernels are chosen by the weight's layout)
+    # llmopt::linear_int8/int4/fp8 (on CPU, the int4 kernel is the installed layout's, chosen by the
+    # quantize pass from kernels.int4_cpu_kernel / kernels.native)
     "quantized_linear": {"torch": ("cpu", "cuda"), "triton": ("cuda",)},
 }
 
