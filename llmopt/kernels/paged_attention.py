@@ -71,15 +71,17 @@ _MAX_HEAD_DIM = 256
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation a call with ``impl`` runs on ``device`` (:mod:`llmopt.kernels.dispatch`)."""
-    return dispatch.resolve("paged_attention", impl, device.type, triton_interpret=_TRITON_INTERPRET)
+def resolve_impl(impl: str, device: torch.device, native: bool = True) -> str:
+    """The implementation a call with ``impl`` runs on ``device`` (:mod:`llmopt.kernels.dispatch`);
+    ``native=False`` is the ``kernels.native`` option turned off."""
+    return dispatch.resolve("paged_attention", impl, device.type, triton_interpret=_TRITON_INTERPRET,
+                            native=native)
 
 
-def uses_cpu_plan(device: torch.device) -> bool:
-    """Whether the default implementation on ``device`` is the planned CPU path
-    (``paged_attention_cpu_planned``), which the runtime's layer op calls directly."""
-    return resolve_impl("auto", device) in ("native", "torch")
+def uses_cpu_plan(impl: str) -> bool:
+    """Whether a resolved ``impl`` is the planned CPU path (``paged_attention_cpu_planned``),
+    which the runtime's layer op calls directly."""
+    return impl in ("native", "torch")
 
 
 @torch.library.custom_op("llmopt::paged_attention", mutates_args=("k_cache", "v_cache"))

@@ -1,9 +1,10 @@
 """The schema of ``llmopt::paged_attention_layer``, and its fake; no implementation.
 
 A graph compiled with ``paged_kv=True`` calls
-``llmopt::paged_attention_layer(q, k, v, layer, scale)`` where the model had
+``llmopt::paged_attention_layer(q, k, v, layer, scale, impl)`` where the model had
 its attention: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)``, the output shaped like
-q. The step's metadata and the layer's KV cache are not arguments (they
+q; ``impl`` is the ``llmopt::paged_attention`` implementation the paging pass
+resolved for the site when the graph was compiled. The step's metadata and the layer's KV cache are not arguments (they
 change shape every step and a traced graph cannot gain inputs): the serving
 runtime publishes them around each forward, as vLLM's forward context does,
 and registers the op's real implementation, which reads them
@@ -23,11 +24,12 @@ import torch
 __all__ = ["OP"]
 
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
-_LIB.define("paged_attention_layer(Tensor q, Tensor k, Tensor v, str layer, float scale) -> Tensor")
+_LIB.define("paged_attention_layer(Tensor q, Tensor k, Tensor v, str layer, float scale, "
+            "str impl=\"auto\") -> Tensor")
 
 
 @torch.library.register_fake("llmopt::paged_attention_layer", lib=_LIB)
-def _(q, k, v, layer, scale):
+def _(q, k, v, layer, scale, impl="auto"):
     return q.new_empty(q.shape)
 
 

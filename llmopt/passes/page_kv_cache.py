@@ -12,7 +12,7 @@ with ``paged_kv=True`` (the runtime sets it). The protocol the model follows:
 Every Hugging Face Llama-family model (Llama, Qwen2, Mistral, SmolLM2) and any
 model whose attention the fuse pass matches follows it when called that way.
 Each ``llmopt::attention(q, k, v, mask, ...)`` on ``(1, H, T, D)`` tensors
-becomes ``llmopt::paged_attention_layer(q, k, v, layer, scale)`` on ``(T, H, D)``:
+becomes ``llmopt::paged_attention_layer(q, k, v, layer, scale, impl)`` on ``(T, H, D)``:
 it writes the step's K/V into the layer's cache slots and attends each
 sequence over its own blocks (see ``runtime/paged_context.py``). The model's
 mask (for a packed batch an O(T^2) tensor, or a per-sequence block mask) is
@@ -29,6 +29,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from llmopt.kernels import paged_attention as paged_kernels
 import llmopt.kernels.paged_layer  # noqa: F401  (defines llmopt::paged_attention_layer; llmopt.runtime.paged_context implements it)
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
 from llmopt.passes.graph_utils import (
@@ -60,14 +61,25 @@ class PageKVCache(GraphPass):
             if why:
                 result.skipped.append(Skipped(KIND, location, why))
                 continue
+            try:
+                impl = paged_impl(ctx.config, fake_value(_arg(node, 0)).device)
+            except ValueError as error:
+                result.skipped.append(Skipped(KIND, location, str(error)))
+                continue
             layer = _layer_name(location, used_names)
             had_mask = _arg(node, 3) is not None
-            _replace(gm, node, layer)
+            _replace(gm, node, layer, impl)
             result.rewrites.append(Rewrite(KIND, location, f"layer {layer!r}"
-                                           + (", model's mask dropped" if had_mask else "")))
+                                           + (", model's mask dropped" if had_mask else ""), impl=impl))
         if ctx.config.paged_kv and not result.rewrites:
             result.notes.append("paged_kv: no fused attention in this graph to page")
         return result
+
+
+def paged_impl(config, device: torch.device) -> str:
+    """The ``llmopt::paged_attention`` implementation a site on ``device`` runs, decided once,
+    here, from the ``kernels`` option (``kernels/dispatch.py``)."""
+    return paged_kernels.resolve_impl(config.kernels.paged_attention, device, native=config.kernels.native)
 
 
 def _arg(node: Node, index: int, default=None):
@@ -102,7 +114,7 @@ def _layer_name(location: str, used: set[str]) -> str:
     return name
 
 
-def _replace(gm: GraphModule, node: Node, layer: str) -> None:
+def _replace(gm: GraphModule, node: Node, layer: str, impl: str) -> None:
     graph = gm.graph
     q, k, v = (_arg(node, i) for i in range(3))
     scale = _arg(node, 5)
@@ -120,7 +132,7 @@ def _replace(gm: GraphModule, node: Node, layer: str) -> None:
         packed = [call("call_method", "transpose", call("call_method", "squeeze", x, 0), 0, 1)
                   for x in (q, k, v)]
         out = call("call_function", torch.ops.llmopt.paged_attention_layer.default,
-                   *packed, layer, float(scale))
+                   *packed, layer, float(scale), impl)
         out = call("call_method", "unsqueeze", call("call_method", "transpose", out, 0, 1), 0)
     for new in new_nodes:
         copy_location_meta(node, new)

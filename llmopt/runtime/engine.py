@@ -48,7 +48,8 @@ class LLMEngine:
         self.config = config
         self.model_name = model_name
         self.device = config.resolved_device()
-        self.runner = ModelRunner(model, RunnerOptions(self.device, config.block_size, config.lower))
+        self.runner = ModelRunner(model, RunnerOptions(self.device, config.block_size, config.lower,
+                                                           config.kernels))
         start = time.perf_counter()
         self.layer_specs = self.runner.profile()
         self.warmup_seconds = time.perf_counter() - start

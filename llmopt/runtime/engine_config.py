@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from llmopt.kernels.options import KernelOptions
 from llmopt.runtime.kv_budget import as_dtype
 
 
@@ -30,6 +31,9 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV of shared prompt prefixes.
         enable_chunked_prefill: split long prompts across steps.
         long_prefill_token_threshold: cap on one prompt's chunk per step.
+        kernels: the compiler's ``kernels`` option group (a dict or
+            ``KernelOptions``): which implementation each op of the served
+            graph runs, e.g. ``{"paged_attention": "gather_sdpa"}``.
     """
 
     dtype: Any = "float32"
@@ -45,6 +49,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None
+    kernels: Any = None
 
     def __post_init__(self) -> None:
         self.dtype = as_dtype(self.dtype)
@@ -64,6 +69,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 or None, got {value}")
+        # Checked here, when the engine is built, with the compiler's own messages.
+        self.kernels = KernelOptions.from_options(self.kernels)
         if not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:

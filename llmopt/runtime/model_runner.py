@@ -22,6 +22,7 @@ padding token (written nowhere, attending nowhere) instead of a recompile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ class RunnerOptions:
     device: torch.device
     block_size: int
     lower: str = "inductor"
+    kernels: Any = None  # the compiler's ``kernels`` option group
 
 
 class PagingNotApplied(RuntimeError):
@@ -50,7 +52,8 @@ class ModelRunner:
         self.device = options.device
         self.decoder, self.head = _split_head(model)
         self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False,
-                                       options={"paged_kv": True, "lower": options.lower})
+                                       options={"paged_kv": True, "lower": options.lower,
+                                                "kernels": options.kernels})
         self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
 
     # ---- set-up ----------------------------------------------------------

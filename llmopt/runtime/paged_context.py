@@ -117,7 +117,8 @@ def _current() -> tuple[PagedKVCache, PagedStep]:
     return current
 
 
-def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: float) -> Tensor:
+def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: float,
+                          impl: str = "auto") -> Tensor:
     """Attention of one layer over the published paged cache: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)``.
 
     The implementation of ``llmopt::paged_attention_layer`` (schema in
@@ -126,7 +127,8 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
     """
     cache, step = _current()
     k_cache, v_cache = cache.layer(layer, k)
-    if _paged.uses_cpu_plan(q.device):
+    impl = _paged.resolve_impl(impl, q.device)  # the pass resolved it already; "auto" from direct calls
+    if _paged.uses_cpu_plan(impl):
         # Skip the op's per-call planning: every layer of the step shares one plan.
         if step.cpu_plan is None:
             step.cpu_plan = _paged.plan_cpu_step(
@@ -134,11 +136,11 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
                 cache.num_blocks, q.shape[0], q.dtype)
         return _paged.paged_attention_cpu_planned(q.contiguous(), k.contiguous(), v.contiguous(),
                                                   k_cache, v_cache, step.slot_mapping, step.cpu_plan,
-                                                  scale)
+                                                  scale, native=impl == "native")
     return torch.ops.llmopt.paged_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, step.slot_mapping,
         step.block_tables, step.seq_lens, step.query_start_loc, step.max_query_len,
-        step.max_seq_len, scale)
+        step.max_seq_len, scale, impl)
 
 
 # One implementation for every device (the function dispatches itself); no

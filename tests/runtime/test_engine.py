@@ -225,3 +225,23 @@ def test_bad_requests_get_clear_errors(tokenizer):
         LLM(model, tokenizer, block_sise=16)
     with pytest.raises(ValueError, match="block_size must be a power of two"):
         LLM(model, tokenizer, block_size=12)
+
+
+@pytest.mark.parametrize("impl", ["torch", "gather_sdpa"])
+def test_paged_attention_impl_is_an_engine_option(tokenizer, impl):
+    """``kernels.paged_attention`` reaches every paged site (named in the Report) and the
+    chosen path gives Hugging Face's greedy tokens, as the default does."""
+    model = random_llama(heads="gqa", num_layers=2)
+    llm = LLM(model, tokenizer, lower="eager", block_size=16, num_kv_blocks=64,
+              kernels={"paged_attention": impl})
+    prompts = _prompts(6, seed=3)
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert out.token_ids == _hf_greedy(model, prompt, 12)
+    sites = llmopt.last_report().impls("paged_attention")
+    assert len(sites) == 2 and set(sites.values()) == {impl}  # one per layer
+
+
+def test_bad_kernel_option_is_refused_when_the_engine_is_built(tokenizer):
+    with pytest.raises(llmopt.LLMOptConfigError, match="paged_attention"):
+        LLM(random_llama(heads="gqa", num_layers=2), tokenizer, lower="eager", num_kv_blocks=8,
+            kernels={"paged_attention": "flash9"})

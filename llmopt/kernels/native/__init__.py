@@ -4,9 +4,10 @@ Why C and ctypes rather than a torch C++ extension: these kernels take raw
 pointers and need no torch headers, so a build takes about a second instead of
 a minute. The shared object is cached under ``$LLMOPT_CACHE_DIR`` (default
 ``~/.cache/llmopt``) keyed by the source, the compiler and this CPU's flags
-(it is built with ``-march=native``). Without a compiler, or with
-``LLMOPT_NATIVE=0``, :func:`load` returns None and callers use their PyTorch
-path instead.
+(it is built with ``-march=native``). Without a compiler :func:`load` returns
+None and callers use their PyTorch path instead. Whether a compiled graph uses
+these kernels at all is the ``kernels.native`` option (``LLMOPT_NATIVE=0`` is
+its override, read when the options are built), decided per site by the passes.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ def load(name: str) -> Optional[ctypes.CDLL]:
 
 
 def _build_and_open(name: str) -> Optional[ctypes.CDLL]:
-    if os.environ.get("LLMOPT_NATIVE", "1") == "0":
-        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         _log.info("llmopt: no C compiler found; the CPU kernel %r falls back to PyTorch ops", name)
