@@ -23,6 +23,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -127,13 +128,8 @@ TUNED = quality.Setting(quantize="int4", group_size=128, quantize_method="gptq",
 
 def _evaluate_tuned(model, tokens, args, calibration, steps: int) -> dict:
     """The g128 GPTQ row again, from more calibration text, with its grids tuned (same format: int4 g128)."""
-    from llmopt.quantization import config
-
-    default, config.DEFAULT_TUNE_STEPS = config.DEFAULT_TUNE_STEPS, steps
-    try:
-        row = quality.evaluate(model, tokens, TUNED, args.context_length, args.stride, calibration)
-    finally:
-        config.DEFAULT_TUNE_STEPS = default
+    tuned = dataclasses.replace(TUNED, tune_steps=steps)
+    row = quality.evaluate(model, tokens, tuned, args.context_length, args.stride, calibration)
     row["setting"] = _tuned_label(steps)
     row["tune_steps"] = steps
     row["calibration_tokens"] = len(calibration)

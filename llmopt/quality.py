@@ -262,6 +262,7 @@ class Setting:
     quantize_method: str | None = None  # int4: "rtn", "mse", "gptq" (None: what compiling does, rtn)
     quantize_skip: tuple[str, ...] = ()
     smoothquant: bool = False  # w8a8: SmoothQuant factors from the calibration text
+    tune_steps: int = 0  # int4 with calibration: QuantConfig.tune_steps
 
     @property
     def label(self) -> str:
@@ -373,7 +374,7 @@ def _quantize_with_calibration(model, setting: Setting, calibration, context_len
         raise ValueError(f"{setting.label}: quantizing from calibration needs calibration tokens (a calibration text)")
     method = setting.quantize_method if setting.quantize == "int4" else None
     config = QuantConfig(setting.quantize, group_size=setting.group_size or 128,
-                         skip=tuple(setting.quantize_skip), method=method)
+                         skip=tuple(setting.quantize_skip), method=method, tune_steps=setting.tune_steps)
     return quantize_weights(model, config, calibration=token_batches(calibration, context_length))
 
 

@@ -311,19 +311,14 @@ def _kl_to_float(model, weights, batches):
     return total / len(batches)
 
 
-def test_tuned_grids_bring_the_model_closer_to_float_and_keep_the_levels(monkeypatch):
-    from llmopt.quantization import tune
-
+def test_tuned_grids_bring_the_model_closer_to_float_and_keep_the_levels():
     model = random_llama(heads="gqa", num_layers=2)
     before = {name: (p.clone(), p.requires_grad) for name, p in model.named_parameters()}
     batches = token_batches(torch.randint(0, 256, (128,), generator=_generator(50)), 64)
     gptq = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=batches)
-    monkeypatch.setattr(tune, "LEARNING_RATE", 3e-3)  # a random model is far from its grids' optimum
-    from llmopt.quantization import config as config_module
-
-    monkeypatch.setattr(config_module, "DEFAULT_TUNE_STEPS", 30)  # what a benchmark run may set
-    tuned = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=batches)
-    assert QuantConfig("int4").tune_steps == 30
+    # A random model is far from its grids' optimum: a larger step than the default.
+    tuned = quantize_weights(model, QuantConfig("int4", group_size=32, tune_steps=30, tune_lr=3e-3),
+                             calibration=batches)
     assert _kl_to_float(model, tuned, batches) < 0.8 * _kl_to_float(model, gptq, batches)
     for name, layer in tuned.layers.items():
         assert torch.equal(layer.tensors["qweight"], gptq.layers[name].tensors["qweight"])  # same levels
@@ -341,3 +336,9 @@ def test_tune_steps_are_checked():
         QuantConfig("int8", tune_steps=5)
     with pytest.raises(ValueError, match="needs calibration batches"):
         quantize_weights(random_llama(num_layers=1), QuantConfig("int4", group_size=32, tune_steps=2))
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3, float("nan"), float("inf"), True, "3e-4"])
+def test_bad_tune_lr_is_refused(lr):
+    with pytest.raises(llmopt.LLMOptConfigError, match="tune_lr"):
+        QuantConfig("int4", tune_steps=4, tune_lr=lr)

@@ -18,8 +18,7 @@ MODES = ("int8", "int4", "fp8", "w8a8")
 METHODS = ("rtn", "mse", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
 REGEX_PREFIX = "re:"
-# QuantConfig.tune_steps when not given (a benchmark may set it for a run).
-DEFAULT_TUNE_STEPS = 0
+DEFAULT_TUNE_LR = 3e-4  # Adam's step size for the int4 grids (quantization/tune.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class QuantConfig:
             this many calibration windows so that the quantized model's
             next-token distributions match the float one's
             (:mod:`llmopt.quantization.tune`); 0 (default) does not.
+        tune_lr: the tuning's learning rate (Adam), positive.
     """
 
     mode: str
@@ -60,7 +60,8 @@ class QuantConfig:
     smoothquant_alpha: float = 0.5
     method: Optional[str] = None
     sequential: bool = False
-    tune_steps: int = field(default_factory=lambda: DEFAULT_TUNE_STEPS)
+    tune_steps: int = 0
+    tune_lr: float = DEFAULT_TUNE_LR
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -76,6 +77,9 @@ class QuantConfig:
         steps = self.tune_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise LLMOptConfigError(f"tune_steps must be an integer >= 0, got {steps!r}")
+        lr = self.tune_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
+            raise LLMOptConfigError(f"tune_lr must be a positive finite number, got {lr!r}")
         if steps and self.mode != "int4":
             raise LLMOptConfigError(f"tune_steps tunes int4 grids; {self.mode} has none")
         if self.method not in (None, "rtn") and self.mode != "int4":

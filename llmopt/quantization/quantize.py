@@ -164,7 +164,7 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
         if config.tune_steps:
             if calibration is None:
                 raise ValueError("tune_steps: tuning int4 grids needs calibration batches")
-            layers = tune_grids(model, layers, calibration, config.tune_steps)
+            layers = tune_grids(model, layers, calibration, config.tune_steps, lr=config.tune_lr)
     else:
         layers = {}
         for name, module in linears.items():

@@ -30,13 +30,11 @@ from torch import Tensor, nn
 
 from llmopt.kernels.quantized_linear import unpack_int4
 from llmopt.quantization import int4
+from llmopt.quantization.config import DEFAULT_TUNE_LR
 from llmopt.quantization.layers import QuantizedLinear
 
-LEARNING_RATE = 3e-4
-
-
 def tune_grids(model: nn.Module, layers: Mapping[str, Any], batches: Iterable[Any], steps: int,
-               lr: "float | None" = None) -> dict[str, Any]:
+               lr: float = DEFAULT_TUNE_LR) -> dict[str, Any]:
     """int4 ``layers`` (``{module path: QuantizedLinear}``) with grids tuned on ``batches``.
 
     ``batches`` are calibration inputs as :func:`~llmopt.quantization.quantize_weights`
@@ -50,7 +48,7 @@ def tune_grids(model: nn.Module, layers: Mapping[str, Any], batches: Iterable[An
     device = next(model.parameters()).device
     grids = {name: _Grid(layer, device) for name, layer in layers.items() if layer.mode == "int4"}
     parameters = [p for grid in grids.values() for p in (grid.a, grid.b)]
-    optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE if lr is None else lr)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
