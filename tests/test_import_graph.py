@@ -264,7 +264,7 @@ def test_kernels_import_nothing_above_them():
 
 
 # Module-level switches kernels/ may keep: they choose arithmetic, they do not carry a step.
-KERNEL_SWITCHES = {("llmopt.kernels.quantized_linear", "_EXACT_CPU")}  # exact_cpu_arithmetic(), for the ONNX export
+KERNEL_SWITCHES: set = set()  # none: every switch is an op argument, decided when a graph is compiled
 STEP_STATE_NAMES = {"PagedStep", "PagedKVCache", "paged_step", "LayerSpec"}
 
 

@@ -79,14 +79,12 @@ CPU tensors too, for tests).
 Every switch is an argument of the op call, decided once by the quantize pass
 (``passes/quantize_linear.py``) from the ``kernels`` options and recorded in the
 Report: ``impl`` (``"auto"``, ``"torch"``, ``"triton"``) and, for int8/int4,
-``compute_dtype`` (what fp32 inputs compute in on CPU; None: bf16, or fp32 inside
-:func:`exact_cpu_arithmetic`). Nothing here reads the environment per call.
+``compute_dtype`` (what fp32 inputs compute in on CPU; None: bf16). Nothing
+here reads the environment or any process-wide switch per call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import os
 from typing import Optional
@@ -100,7 +98,6 @@ from llmopt.kernels import dispatch
 __all__ = [
     "INT4_LAYOUTS",
     "cpu_compute_dtype",
-    "exact_cpu_arithmetic",
     "dequantize_fp8",
     "dequantize_int4",
     "dequantize_int8",
@@ -445,21 +442,6 @@ def _int8_matmul(xq: Tensor, qweight: Tensor) -> Tensor:
     return (xq.double() @ qweight.double().t()).to(torch.int32)
 
 
-_EXACT_CPU = contextvars.ContextVar("llmopt_exact_quantized_cpu", default=False)
-
-
-@contextlib.contextmanager
-def exact_cpu_arithmetic():
-    """Within this block, fp32 models' quantized layers are installed and run in fp32
-    on CPU (fp32 scales, no bf16 or int8 activations), as ``kernels={"quant_cpu_dtype":
-    "float32"}`` does for one compile. The ONNX export uses it: ONNX Runtime computes in fp32."""
-    token = _EXACT_CPU.set(True)
-    try:
-        yield
-    finally:
-        _EXACT_CPU.reset(token)
-
-
 def cpu_compute_dtype(dtype: torch.dtype, compute_dtype: Optional[torch.dtype] = None) -> torch.dtype:
     """The activation dtype PyTorch's packed CPU int8/int4 kernels run in for ``dtype`` inputs.
 
@@ -467,14 +449,13 @@ def cpu_compute_dtype(dtype: torch.dtype, compute_dtype: Optional[torch.dtype] =
     than their bf16 paths at decode shapes (docs/PERFORMANCE.md), and a weight-only quantized layer has
     already traded more precision than bf16 rounding of its input costs.
     ``compute_dtype`` (the op call's argument, which the quantize pass sets from the
-    ``kernels.quant_cpu_dtype`` option) decides for fp32 inputs; None: bf16, unless
-    within :func:`exact_cpu_arithmetic`.
+    ``kernels.quant_cpu_dtype`` option) decides for fp32 inputs; None: bf16.
     """
     if dtype != torch.float32:
         return dtype
     if compute_dtype is not None:
         return compute_dtype
-    return torch.float32 if _EXACT_CPU.get() else torch.bfloat16
+    return torch.bfloat16
 
 
 def _cpu_int8_kernel_ok(x: Tensor, qweight: Tensor) -> bool:

@@ -10,6 +10,7 @@ and the rewritten graph module is kept.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,6 @@ import torch
 from torch.fx import GraphModule
 
 from llmopt.config import LLMOptConfig
-from llmopt.kernels import quantized_linear as qlinear
 from llmopt.onnx.errors import OnnxExportError
 from llmopt.passes.graph_utils import placeholder_sources
 from llmopt.rewriter.backend import llmopt_backend
@@ -50,6 +50,9 @@ def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: 
 
 
 def capture(model: torch.nn.Module, config: LLMOptConfig, vocab_size: int) -> CapturedGraph:
+    # Exactness mode: the quantize pass then installs fp32 scales (not the bf16 ones of
+    # llmopt's CPU kernels) and fp32 arithmetic, as ONNX Runtime computes in fp32.
+    config = config.replace(kernels=dataclasses.replace(config.kernels, quant_cpu_dtype="float32"))
     inputs = _example_inputs(vocab_size, _device_of(model))
     report, graphs, outputs = Report(), [], []
 
@@ -70,10 +73,7 @@ def capture(model: torch.nn.Module, config: LLMOptConfig, vocab_size: int) -> Ca
 
     torch._dynamo.reset()
     try:
-        # The quantize pass then installs fp32 scales (not the bf16 ones of llmopt's
-        # CPU kernels): ONNX Runtime computes in fp32.
-        with qlinear.exact_cpu_arithmetic():
-            logits = _trace(model, backend, inputs)
+        logits = _trace(model, backend, inputs)
     except Exception as error:  # noqa: BLE001 - Dynamo's many error types; say what export needs
         raise OnnxExportError(
             "could not trace the model into one graph with input_ids and position_ids of dynamic "

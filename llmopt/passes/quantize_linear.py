@@ -158,8 +158,7 @@ def kernel_choice(config, mode: str, weight: torch.Tensor) -> KernelChoice:
         return KernelChoice(impl)
     compute = None
     if weight.dtype == torch.float32:
-        exact = kernels.quant_cpu_dtype == "float32" or qlinear._EXACT_CPU.get()
-        compute = torch.float32 if exact else torch.bfloat16
+        compute = torch.float32 if kernels.quant_cpu_dtype == "float32" else torch.bfloat16
     native = (mode == "int4" and kernels.int4_cpu_kernel == "native" and kernels.native
               and weight.dtype in qlinear.CPU_KERNEL_DTYPES and compute != torch.float32
               and qlinear.native_int4_available())

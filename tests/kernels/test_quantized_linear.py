@@ -472,18 +472,10 @@ def test_onnx_conversion_reads_the_native_layout():
         assert torch.equal(getattr(native, name), getattr(nibble, name)), name
 
 
-def test_exact_cpu_arithmetic_is_scoped():
-    # The ONNX export asks for fp32 quantized layers only while it traces; the
-    # process-wide default (bf16 activations on CPU) must come back afterwards,
-    # also when the block raises.
+def test_cpu_compute_dtype_follows_the_op_argument():
+    # No process-wide switch: fp32 inputs compute in bf16 unless the call says fp32
+    # (the quantize pass passes kernels.quant_cpu_dtype), other dtypes in their own.
     assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
-    with ql.exact_cpu_arithmetic():
-        assert ql.cpu_compute_dtype(torch.float32) == torch.float32
-        assert ql.cpu_compute_dtype(torch.bfloat16) == torch.bfloat16
-    assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
-    with pytest.raises(RuntimeError), ql.exact_cpu_arithmetic():
-        raise RuntimeError("export failed")
-    assert ql.cpu_compute_dtype(torch.float32) == torch.bfloat16
-    assert ql.cpu_compute_dtype(torch.float32, torch.float32) == torch.float32  # the op's compute_dtype
-    with ql.exact_cpu_arithmetic():  # an explicit compute_dtype wins
-        assert ql.cpu_compute_dtype(torch.float32, torch.bfloat16) == torch.bfloat16
+    assert ql.cpu_compute_dtype(torch.float32, torch.float32) == torch.float32
+    assert ql.cpu_compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert ql.cpu_compute_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
