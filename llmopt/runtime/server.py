@@ -80,6 +80,8 @@ def create_app(engine_loop, tokenizer, model_name: str, max_model_len: int, *, a
     created = protocol.now()
     app = FastAPI(title="llmopt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving, app.state.metrics = serving, metrics
+    # An oversized body up to this size is read and dropped before the 413 goes out (see drain).
+    linger_bytes = 4 * max_body_bytes
 
     def error_response(status: int, message: str, type: str, param=None, code=None, headers=None):
         metrics.error(status)
@@ -89,17 +91,27 @@ def create_app(engine_loop, tokenizer, model_name: str, max_model_len: int, *, a
     def error_type(status: int) -> str:
         return "server_error" if status >= 500 else "invalid_request_error"
 
-    async def drain(request: Request) -> dict | None:
-        """Read what is left of the body so the next request on the connection parses; close if too big."""
+    async def drain(request: Request, limit: int | None = None) -> dict | None:
+        """Read what is left of the body (up to ``limit`` bytes) so the next request parses; close if too big.
+
+        Reading before answering is also what keeps an error response deliverable: a server that
+        closes with unread bytes in its receive buffer sends a TCP reset, which can destroy the
+        response before the client reads it (nginx's "lingering close" exists for the same reason).
+        """
+        limit = max_body_bytes if limit is None else limit
         try:
             size = 0
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > max_body_bytes:
+                if size > limit:
                     return {"Connection": "close"}
         except Exception:
             return {"Connection": "close"}
         return None
+
+    def too_large() -> RequestError:
+        return RequestError(f"the request body is larger than {max_body_bytes} bytes",
+                            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE, headers={"Connection": "close"})
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, error: RequestError):
@@ -149,14 +161,15 @@ def create_app(engine_loop, tokenizer, model_name: str, max_model_len: int, *, a
             if not length.isdigit():
                 raise RequestError(f"bad Content-Length: {length!r}", headers={"Connection": "close"})
             if int(length) > max_body_bytes:
-                raise RequestError(f"the request body is larger than {max_body_bytes} bytes",
-                                   status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE, headers={"Connection": "close"})
+                if int(length) <= linger_bytes:
+                    await drain(request, linger_bytes)
+                raise too_large()
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_body_bytes:
-                raise RequestError(f"the request body is larger than {max_body_bytes} bytes",
-                                   status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE, headers={"Connection": "close"})
+                await drain(request, linger_bytes - size)
+                raise too_large()
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -63,7 +63,10 @@ class LiveServer:
         data = raw if raw is not None else None if payload is None else json.dumps(payload).encode()
         hdrs = {"Content-Type": "application/json"} if headers is None else headers
         try:
-            connection.request(method, path, body=data, headers=hdrs)
+            try:
+                connection.request(method, path, body=data, headers=hdrs)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may answer (413) and close before the whole body is sent
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
