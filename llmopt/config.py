@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 from llmopt.backends.tensorrt_settings import TensorRTSettings
 from llmopt.errors import LLMOptConfigError, check_bool, checked_fields, quoted
 from llmopt.kernels.options import KernelOptions
+from llmopt.parallel.config import TensorParallelConfig
 from llmopt.pruning.config import backend_prune_config
 from llmopt.quantization.config import check_backend_options
 
@@ -79,6 +80,10 @@ class LLMOptConfig:
             ``LLMOPT_QUANT_CPU_DTYPE`` read once here.
             Resolved per site when the graph is compiled and recorded in the
             Report (see ``kernels/dispatch.py``).
+        tensor_parallel: split the model over the ranks of an initialised
+            ``torch.distributed`` process group: None (default), the size, or a
+            dict / :class:`llmopt.parallel.config.TensorParallelConfig` (``size``,
+            ``lm_head``, ``embedding``); see ``passes/shard_tensor_parallel.py``.
 
     Each option group is validated by its own dataclass, in its feature's
     package: ``prune`` (``pruning/config.py``), ``quantize``/``group_size``/
@@ -100,6 +105,7 @@ class LLMOptConfig:
     quantized_weights: Any = None
     tensorrt: Any = None
     kernels: Any = None
+    tensor_parallel: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("lower", self.lower, LOWERING_TARGETS)
@@ -118,6 +124,7 @@ class LLMOptConfig:
         if self.prune is not None:
             object.__setattr__(self, "prune", backend_prune_config(self.prune))
         object.__setattr__(self, "kernels", KernelOptions.from_options(self.kernels))
+        object.__setattr__(self, "tensor_parallel", TensorParallelConfig.from_options(self.tensor_parallel))
         object.__setattr__(self, "quantize_skip", check_backend_options(self))
         if self.tensorrt is not None:
             if self.lower != "tensorrt":

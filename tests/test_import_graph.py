@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("llmopt.kernels",)),
     # backends.tensorrt_settings: the tensorrt option group, which llmopt.config composes
     ("options and weight transforms", ("llmopt.config", "llmopt.calibration", "llmopt.quantization", "llmopt.pruning",
+                                       "llmopt.parallel",  # tensor_parallel option group and collectives
                                        "llmopt.backends.tensorrt_settings")),
     ("passes", ("llmopt.passes",)),
     ("rewriter and its lowering targets", ("llmopt.rewriter", "llmopt.backends")),
