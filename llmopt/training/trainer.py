@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from llmopt.errors import LLMOptConfigError
-from llmopt.training import checkpoint as ckpt
-from llmopt.training import data as data_mod
-from llmopt.training import regularize, recompute as recompute_mod
+import llmopt.training.checkpoint as ckpt
+import llmopt.training.data as data_mod
+import llmopt.training.recompute as recompute_mod
+import llmopt.training.regularize as regularize
 from llmopt.training.config import TrainConfig
 from llmopt.training.optim import build_optimizer, build_scheduler
 
@@ -198,14 +199,14 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self, resume_from=None) -> TrainResult:
         cfg = self.config
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        else:
-            torch.manual_seed(cfg.seed)
         if self.micro_batch_size is None:
             from llmopt.training.memory import auto_micro_batch_size
 
             self.micro_batch_size = auto_micro_batch_size(self)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        else:
+            torch.manual_seed(cfg.seed)
         self.result.micro_batch_size = self.micro_batch_size
         progress = _Progress(cfg.max_steps, self.step, enabled=cfg.progress and self.rank == 0)
         log = _JsonLog(cfg.output_dir, self.rank)

@@ -1,0 +1,168 @@
+"""``micro_batch_size="auto"``: the largest micro-batch whose training step fits a memory budget.
+
+Candidates are powers of two from 1 up to ``max_micro_batch_size`` (and no more
+than the rows there are); each is measured with a batch of the longest rows of
+the training data, a forward and backward on the model as it will train
+(precision and recompute included), no optimizer step.
+
+* CUDA: the peak allocated memory of that forward + backward (it includes the
+  weights and gradients) plus the optimizer state (AdamW two fp32 tensors per
+  parameter, Lion one) if not allocated yet. Budget: ``memory_budget_bytes``,
+  default 90% of the device's total memory. Candidates are tried upwards until one
+  does not fit (or raises out-of-memory).
+* CPU: weights + gradients + optimizer state + the bytes saved for backward,
+  counted with ``torch.autograd.graph.saved_tensors_hooks`` during the forward
+  (distinct storages, parameters excluded), plus, with ``recompute`` on, the
+  decoder layers' inputs that the checkpoints hold. Measured eagerly at 1 and 2
+  rows and extrapolated linearly (the saved bytes grow linearly in the batch).
+  Budget: ``memory_budget_bytes``, default 80% of the available memory
+  (``MemAvailable`` of /proc/meminfo). With ``recompute="selective"`` the saved
+  bytes are those of ``"none"`` (an upper bound: the selective cache is not seen by
+  the hooks); with a float budget, likewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from llmopt.errors import LLMOptConfigError
+
+__all__ = ["auto_micro_batch_size", "saved_activation_bytes", "state_bytes"]
+
+
+def state_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """Weights + gradients + optimizer state (fp32 moments: AdamW 2, Lion 1 per parameter)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = 2 if optimizer == "adamw" else 1
+    return weights + trainable + moments * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def _count_saved(model: torch.nn.Module, layers=None):
+    """Count the distinct storages autograd saves for backward (not parameters), and
+    the inputs of the given (checkpointed) layers."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def add(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor):
+        add(tensor)
+        return tensor
+
+    handles = []
+    if layers is not None:
+        for layer in layers:
+            def pre(module, args, kwargs):
+                for value in (*args, *kwargs.values()):
+                    if isinstance(value, torch.Tensor) and value.requires_grad:
+                        add(value)
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def saved_activation_bytes(trainer, batch: dict) -> int:
+    """Bytes held for the backward after an eager forward of ``batch`` (see the module docstring)."""
+    from llmopt.training.recompute import decoder_layers
+
+    model = trainer.model
+    layers = decoder_layers(model) if trainer.config.recompute in ("full", "selective") else None
+    model.train()
+    with _count_saved(model, layers) as seen, trainer._autocast():
+        summed, _ = trainer.compute_loss(model, batch)
+    trainer.last_outputs = None
+    del summed
+    return sum(seen.values())
+
+
+def _probe_batch(trainer, rows: int) -> dict:
+    from llmopt.training.data import collate
+
+    longest = sorted(trainer.train_rows, key=lambda r: -(r["input_ids"] if isinstance(r, dict) else r[0]).numel())
+    chosen = [longest[i % len(longest)] for i in range(rows)]
+    return collate(chosen, trainer.pad_id)
+
+
+def _available_cpu_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise LLMOptConfigError("micro_batch_size='auto' on CPU needs memory_budget_bytes (no /proc/meminfo here)")
+
+
+def _candidates(trainer) -> list[int]:
+    top = min(trainer.config.max_micro_batch_size, len(trainer.train_rows))
+    sizes, size = [], 1
+    while size <= top:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def auto_micro_batch_size(trainer) -> int:
+    cfg = trainer.config
+    if trainer.device.type == "cuda":
+        return _auto_cuda(trainer)
+    budget = cfg.memory_budget_bytes or int(0.8 * _available_cpu_bytes())
+    fixed = state_bytes(trainer.model, cfg.optimizer)
+    one = saved_activation_bytes(trainer, _probe_batch(trainer, 1))
+    two = saved_activation_bytes(trainer, _probe_batch(trainer, 2))
+    per_row, base = max(two - one, 0), max(2 * one - two, 0)
+    trainer.model.zero_grad(set_to_none=True)
+    best = None
+    for size in _candidates(trainer):
+        if fixed + base + per_row * size <= budget:
+            best = size
+    if best is None:
+        raise LLMOptConfigError(f"micro_batch_size='auto': not even 1 sequence fits the budget of {budget} bytes "
+                                f"(weights, gradients and optimizer state alone take {fixed})")
+    trainer.auto_memory = {"budget": budget, "fixed": fixed, "per_row": per_row, "base": base, "chosen": best}
+    return best
+
+
+def _auto_cuda(trainer) -> int:
+    cfg = trainer.config
+    device = trainer.device
+    budget = cfg.memory_budget_bytes or int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    moments = 0 if trainer.optimizer.state else (2 if cfg.optimizer == "adamw" else 1) * sum(
+        p.numel() * 4 for p in trainer.model.parameters() if p.requires_grad)
+    best, peaks = None, {}
+    for size in _candidates(trainer):
+        trainer.model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with trainer._autocast(), trainer._budget():
+                summed, _ = trainer.compute_loss(trainer.train_model, _probe_batch(trainer, size))
+            summed.backward()
+            peak = torch.cuda.max_memory_allocated(device) + moments
+        except torch.cuda.OutOfMemoryError:
+            peak = None
+        finally:
+            trainer.last_outputs = None
+            summed = None
+        trainer.model.zero_grad(set_to_none=True)
+        if peak is None or peak > budget:
+            break
+        best, peaks[size] = size, peak
+    torch.cuda.empty_cache()
+    if best is None:
+        raise LLMOptConfigError(f"micro_batch_size='auto': not even 1 sequence fits the budget of {budget} bytes")
+    trainer.auto_memory = {"budget": budget, "peaks": peaks, "chosen": best}
+    return best
