@@ -22,6 +22,7 @@ from llmopt.passes.fuse_attention import FuseAttention
 from llmopt.passes.page_kv_cache import PageKVCache
 from llmopt.passes.prune_linear import PruneLinear
 from llmopt.passes.quantize_linear import QuantizeLinear
+from llmopt.passes.shard_tensor_parallel import ShardTensorParallel
 from llmopt.passes.graph_utils import fake_value, known_equal
 from llmopt.rewriter.log import logger, warn_fallback
 from llmopt.rewriter.report import GraphReport, PassRecord
@@ -29,6 +30,7 @@ from llmopt.rewriter.report import GraphReport, PassRecord
 # The order matters: rewrites first, clean-up last.
 PIPELINE: tuple[GraphPass, ...] = (
     FuseAttention(),
+    ShardTensorParallel(),  # on the fused attention calls; before paging and quantization (shards quantized)
     PageKVCache(),
     PruneLinear(),  # before any quantize pass: quantize the pruned weights
     QuantizeLinear(),
@@ -73,6 +75,8 @@ def _run_one(graph_pass: GraphPass, gm: GraphModule, ctx: PassContext, index: in
         gm.graph = snapshot
         gm.recompile()
         record.status = f"failed: {type(error).__name__}: {error}"
+        if getattr(error, "fatal", False):  # e.g. tensor parallelism that cannot split the graph
+            raise
         message = f"llmopt pass {graph_pass.name!r} failed on graph {index} and was undone: {error}"
         if ctx.config.strict:
             raise LLMOptPassError(message) from error
