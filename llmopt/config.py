@@ -29,7 +29,8 @@ AVAILABLE_LOWERING_TARGETS = ("inductor", "eager", "tensorrt")
 # The pipeline's passes, in order (rewriter/pipeline.py's PIPELINE checks it has
 # exactly these): named here so that 'disable_passes' is checked without
 # importing the passes.
-PASS_NAMES = ("fuse_attention", "page_kv_cache", "prune_linear", "quantize_linear", "eliminate_dead_code")
+PASS_NAMES = ("fuse_attention", "shard_tensor_parallel", "page_kv_cache", "prune_linear", "quantize_linear",
+              "eliminate_dead_code")
 
 
 @dataclass(frozen=True)
