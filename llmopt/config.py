@@ -15,6 +15,7 @@ from llmopt.backends.tensorrt_settings import TensorRTSettings
 from llmopt.errors import LLMOptConfigError, check_bool, checked_fields, quoted
 from llmopt.kernels.options import KernelOptions
 from llmopt.parallel.config import TensorParallelConfig
+from llmopt.passes.paging_options import PagingOptions
 from llmopt.pruning.config import backend_prune_config
 from llmopt.quantization.config import check_backend_options
 
@@ -52,10 +53,14 @@ class LLMOptConfig:
         verify: after each pass, re-run the graph on fake tensors and check
             its outputs keep their shapes and dtypes; a pass that breaks
             this is undone (or raises, with ``strict``).
-        paged_kv: rewrite each fused attention to read and write the serving
-            runtime's paged KV cache (``llmopt::paged_attention``); set by the
-            runtime, which calls the model with packed ``input_ids`` and
+        paging: the paging pass: None, or a dict / :class:`PagingOptions`
+            (``enabled``): rewrite each fused attention to read and write the
+            serving runtime's paged KV cache (``llmopt::paged_attention_layer``);
+            the runtime calls the model with packed ``input_ids`` and
             ``position_ids`` (see ``passes/page_kv_cache.py``).
+        paged_kv: the flat shorthand for ``paging={"enabled": ...}`` (the
+            runtime's model runner sets it); after validation it mirrors
+            ``paging.enabled``. Both given with different values is an error.
         prune: prune linear weights: None (default), or a dict / PruneConfig
             with ``method`` ("magnitude", "wanda"), ``sparsity`` and
             ``pattern`` ("unstructured", "2:4"); heads and channels are
@@ -89,7 +94,8 @@ class LLMOptConfig:
     Each option group is validated by its own dataclass, in its feature's
     package: ``prune`` (``pruning/config.py``), ``quantize``/``group_size``/
     ``quantize_skip`` (``quantization/config.py``), ``tensorrt``
-    (``backends/tensorrt_settings.py``), ``kernels`` (``kernels/options.py``);
+    (``backends/tensorrt_settings.py``), ``kernels`` (``kernels/options.py``),
+    ``paging``/``paged_kv`` (``passes/paging_options.py``);
     the error type and shared checks are in the leaf ``llmopt/errors.py``.
     """
 
@@ -98,7 +104,8 @@ class LLMOptConfig:
     attention: bool = True
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     verify: bool = True
-    paged_kv: bool = False
+    paged_kv: Optional[bool] = None  # None: not given (then paging decides)
+    paging: Any = None
     prune: Any = None
     quantize: Optional[str] = None
     group_size: int = 128
@@ -120,8 +127,11 @@ class LLMOptConfig:
                 f"option 'lower': target {self.lower!r} is not available in this "
                 f"version of llmopt; choose one of {_quoted(AVAILABLE_LOWERING_TARGETS)}"
             )
-        for name in ("strict", "attention", "verify", "paged_kv"):
+        for name in ("strict", "attention", "verify"):
             check_bool(name, getattr(self, name))
+        paging = PagingOptions.from_options(self.paging, paged_kv=self.paged_kv)
+        object.__setattr__(self, "paging", paging)
+        object.__setattr__(self, "paged_kv", paging.enabled)
         if self.prune is not None:
             object.__setattr__(self, "prune", backend_prune_config(self.prune))
         object.__setattr__(self, "kernels", KernelOptions.from_options(self.kernels))
@@ -156,6 +166,11 @@ class LLMOptConfig:
         return cls(**checked_fields(cls, options, "llmopt option"))
 
     def replace(self, **changes: Any) -> "LLMOptConfig":
+        # paged_kv mirrors paging.enabled: changing one of them re-derives the other.
+        if "paged_kv" in changes and "paging" not in changes:
+            changes["paging"] = None
+        elif "paging" in changes and "paged_kv" not in changes:
+            changes["paged_kv"] = None
         return dataclasses.replace(self, **changes)
 
 

@@ -39,10 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "llmopt"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors (a leaf: imports nothing from llmopt)", ("llmopt.errors",)),
     ("kernels", ("llmopt.kernels",)),
-    # backends.tensorrt_settings: the tensorrt option group, which llmopt.config composes
+    # backends.tensorrt_settings and passes.paging_options: the tensorrt and paging option
+    # groups, which llmopt.config composes (each beside the code it configures)
     ("options and weight transforms", ("llmopt.config", "llmopt.calibration", "llmopt.quantization", "llmopt.pruning",
                                        "llmopt.parallel",  # tensor_parallel option group and collectives
-                                       "llmopt.backends.tensorrt_settings")),
+                                       "llmopt.backends.tensorrt_settings", "llmopt.passes.paging_options")),
     ("passes", ("llmopt.passes",)),
     ("rewriter and its lowering targets", ("llmopt.rewriter", "llmopt.backends")),
     ("tools over the compiler", ("llmopt.onnx", "llmopt.quality", "llmopt.training", "llmopt.models")),

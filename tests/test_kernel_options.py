@@ -31,10 +31,52 @@ from oracles import attention_reference
     ({"lower": "tensorrt", "tensorrt": {"min_blocks": 3}}, "unknown tensorrt option 'min_blocks'"),
     ({"quantize": "int5"}, "option 'quantize'"),
     ({"quantize": "int4", "group_size": 7}, "group_size"),
+    ({"paging": {"enable": True}}, "unknown paging option 'enable'; valid options are 'enabled'"),
+    ({"paging": {"enabled": "yes"}}, "paging option 'enabled' must be True or False, got 'yes'"),
+    ({"paging": True}, "option 'paging' must be a dict of paging options, got bool"),
+    ({"paged_kv": 1}, "option 'paged_kv' must be True or False, got 1"),
+    ({"paged_kv": False, "paging": {"enabled": True}}, "option 'paged_kv'=False contradicts paging option"),
 ])
 def test_each_group_rejects_unknown_keys_and_bad_values(options, message):
     with pytest.raises(LLMOptConfigError, match=message):
         LLMOptConfig.from_options(options)
+
+
+def test_paging_group_and_its_flat_shorthand_are_one_setting():
+    from llmopt.passes.paging_options import PagingOptions
+
+    assert LLMOptConfig().paging == PagingOptions(enabled=False) and LLMOptConfig().paged_kv is False
+    shorthand = LLMOptConfig.from_options({"paged_kv": True})
+    group = LLMOptConfig.from_options({"paging": {"enabled": True}})
+    assert shorthand == group == LLMOptConfig.from_options({"paging": PagingOptions(True), "paged_kv": True})
+    assert group.paging.enabled and group.paged_kv is True  # paged_kv mirrors the group
+    # changing either one re-derives the other
+    assert group.replace(paged_kv=False).paging == PagingOptions(enabled=False)
+    assert LLMOptConfig().replace(paging={"enabled": True}).paged_kv is True
+    assert group.replace(strict=True).paging.enabled
+
+
+def test_paging_group_pages_the_graph_and_matches_eager():
+    """options={"paging": {"enabled": True}} drives the paging pass (no paged_kv key): the paged
+    graph, run inside the runtime's step context, gives each packed sequence its eager logits."""
+    from llmopt.runtime.paged_context import PagedKVCache, PagedStep, paged_step
+
+    model = random_llama(heads="gqa", num_layers=2)
+
+    def forward(input_ids, position_ids):
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    compiled = torch.compile(forward, backend="llmopt", options={"paging": {"enabled": True}, "lower": "eager"})
+    ids, pos = torch.tensor([[4, 5, 6, 7, 8]]), torch.tensor([[0, 1, 2, 0, 1]])
+    step = PagedStep(torch.tensor([0, 1, 2, 16, 17]), torch.tensor([[0], [1]]), torch.tensor([3, 2]),
+                     torch.tensor([0, 3, 5]), 3, 3)
+    with torch.no_grad(), paged_step(PagedKVCache(num_blocks=4, block_size=16), step):
+        logits = compiled(ids, pos)
+    assert llmopt.last_report().count("paged_attention") == 2
+    with torch.no_grad():
+        for prompt, rows in (([4, 5, 6], slice(0, 3)), ([7, 8], slice(3, 5))):
+            torch.testing.assert_close(logits[0, rows], model(torch.tensor([prompt])).logits[0],
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_errors_module_is_the_one_error_type():

@@ -1,7 +1,8 @@
 """Rewrite each fused attention to attend over the serving runtime's paged KV cache.
 
 Runs after ``fuse_attention``, on its ``llmopt::attention`` calls, and only
-with ``paged_kv=True`` (the runtime sets it). The protocol the model follows:
+with the ``paging`` group enabled (``paging={"enabled": True}``, or its flat
+shorthand ``paged_kv=True``, which the runtime sets; ``passes/paging_options.py``). The protocol the model follows:
 
 * it is called with one packed row of new tokens, ``input_ids (1, T)`` and
   ``position_ids (1, T)`` (each sequence's positions continuing from what it
@@ -48,7 +49,7 @@ class PageKVCache(GraphPass):
     name = "page_kv_cache"
 
     def enabled(self, config) -> bool:
-        return config.paged_kv and super().enabled(config)
+        return config.paging.enabled and super().enabled(config)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -71,8 +72,8 @@ class PageKVCache(GraphPass):
             _replace(gm, node, layer, impl)
             result.rewrites.append(Rewrite(KIND, location, f"layer {layer!r}"
                                            + (", model's mask dropped" if had_mask else ""), impl=impl))
-        if ctx.config.paged_kv and not result.rewrites:
-            result.notes.append("paged_kv: no fused attention in this graph to page")
+        if ctx.config.paging.enabled and not result.rewrites:
+            result.notes.append("paging: no fused attention in this graph to page")
         return result
 
 

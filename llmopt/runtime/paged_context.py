@@ -143,7 +143,12 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
         step.max_seq_len, scale, impl)
 
 
-# One implementation for every device (the function dispatches itself); no
-# autograd: paged graphs are inference only.
+# One implementation (the function dispatches itself), registered per device key:
+# kernels/paged_layer.py's CompositeExplicitAutograd default (an error that says a
+# paged graph runs only inside the runtime) stays for processes without the runtime,
+# and the dispatcher prefers a device key's own kernel over it. No autograd: paged
+# graphs are inference only.
+RUNTIME_DEVICE_KEYS = ("CPU", "CUDA", "XPU", "MPS")
 _LIB = torch.library.Library("llmopt", "IMPL")
-_LIB.impl("paged_attention_layer", paged_attention_layer, "CompositeExplicitAutograd")
+for _key in RUNTIME_DEVICE_KEYS:
+    _LIB.impl("paged_attention_layer", paged_attention_layer, _key)
