@@ -74,11 +74,12 @@ INTERPRET_BLOCKS = {"decode": 16, "prefill": (16, 16)}
 # blocks); on GPU enough splits are used to give every SM ~2 programs, at most
 # DECODE_MAX_SPLITS. Split lengths are multiples of DECODE_SPLIT_ALIGN (a multiple of
 # every autotuned BLOCK_N, so no split ends in a ragged tile). Under the interpreter
-# the split size is INTERPRET_SPLIT_TOKENS (tests shrink it to exercise the reduction).
+# the split size is INTERPRET_SPLIT_TOKENS, small so that the tests' short sequences
+# take several splits and exercise the reduction (decode_num_splits takes another).
 DECODE_MIN_SPLIT_TOKENS = 256
 DECODE_MAX_SPLITS = 64
 DECODE_SPLIT_ALIGN = 128
-INTERPRET_SPLIT_TOKENS = 64
+INTERPRET_SPLIT_TOKENS = 32
 
 
 # =============================================================================
@@ -429,14 +430,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_num_splits(num_seqs: int, kv_heads: int, max_seq_len: int,
-                      device: torch.device = torch.device("cpu")) -> tuple[int, int]:
+                      device: torch.device = torch.device("cpu"),
+                      interpret_split_tokens: int = INTERPRET_SPLIT_TOKENS) -> tuple[int, int]:
     """Return ``(num_splits, split_tokens)`` for the split-KV decode kernel.
 
     One split for short sequences; otherwise enough splits (each at least
-    ``DECODE_MIN_SPLIT_TOKENS`` keys) to give every SM about two programs."""
+    ``DECODE_MIN_SPLIT_TOKENS`` keys) to give every SM about two programs. Under the
+    Triton interpreter every split holds ``interpret_split_tokens`` keys (at least 16)."""
     max_seq_len = max(int(max_seq_len), 1)
     if _INTERPRET:
-        split_tokens = max(16, int(INTERPRET_SPLIT_TOKENS))
+        split_tokens = max(16, int(interpret_split_tokens))
         return triton.cdiv(max_seq_len, split_tokens), split_tokens
     programs = max(num_seqs * kv_heads, 1)
     want = triton.cdiv(2 * _sm_count(device), programs)

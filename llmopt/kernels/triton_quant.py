@@ -131,7 +131,18 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales_zeros: Tensor, group_size: in
     return _launch(x, qweight, scales_zeros.float().contiguous(), MODE_INT4, group_size)
 
 
+# How many quantized matmuls these kernels have run in this process, read through
+# launch_count() (tests check that a path really reached Triton); only this module writes it.
+_LAUNCHES = [0]
+
+
+def launch_count() -> int:
+    """The number of quantized matmuls the Triton kernels ran so far in this process."""
+    return _LAUNCHES[0]
+
+
 def _launch(x: Tensor, w: Tensor, s: Tensor, mode: int, group_size: int) -> Tensor:
+    _LAUNCHES[0] += 1
     if not _INTERPRET and x.device.type != "cuda":
         raise ValueError(
             f"the Triton quantized-matmul kernels need CUDA tensors (got {x.device}); "

@@ -180,7 +180,7 @@ def check_step(batch, q_lens, seq_lens, dtype, out, ref):
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "hq{}-hkv{}-d{}-bs{}".format(*h))
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
-def test_op(impl, dtype, heads, kind, monkeypatch):
+def test_op(impl, dtype, heads, kind):
     q_lens, seq_lens = DECODE if kind == "decode" else MIXED
     hq, hkv, d, bs = heads
     device = "cpu"
@@ -188,8 +188,8 @@ def test_op(impl, dtype, heads, kind, monkeypatch):
         if dtype not in TRITON_DTYPES:
             pytest.skip("the Triton interpreter has no bf16 tl.dot")
         device = TRITON_DEVICE
-        # Several splits in the decode batch (max_seq_len 71 -> 3 splits of 32 keys).
-        monkeypatch.setattr(tp, "INTERPRET_SPLIT_TOKENS", 32)
+        if INTERPRET and kind == "decode":  # several splits, so the reduction kernel runs
+            assert tp.decode_num_splits(len(q_lens), hkv, max(seq_lens)) == (3, 32)
     skip = (2,) if kind == "decode" else (3, 20)  # a decode token; an append and a prefill token
     batch = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype, device=device, skip_slots=skip)
     ref = reference(*batch)
@@ -286,11 +286,12 @@ def test_decode_split_kv(dtype, num_splits):
 
 
 @needs_triton
-def test_decode_num_splits_policy(monkeypatch):
+def test_decode_num_splits_policy():
     if INTERPRET:
-        monkeypatch.setattr(tp, "INTERPRET_SPLIT_TOKENS", 64)
-        assert tp.decode_num_splits(4, 2, 64) == (1, 64)
-        assert tp.decode_num_splits(4, 2, 65) == (2, 64)
+        assert tp.decode_num_splits(4, 2, 64, interpret_split_tokens=64) == (1, 64)
+        assert tp.decode_num_splits(4, 2, 65, interpret_split_tokens=64) == (2, 64)
+        assert tp.decode_num_splits(4, 2, 65) == (3, tp.INTERPRET_SPLIT_TOKENS)
+        assert tp.decode_num_splits(4, 2, 65, interpret_split_tokens=4) == (5, 16)  # at least 16
     else:
         splits, tokens = tp.decode_num_splits(1, 1, 100, torch.device("cuda"))
         assert splits == 1  # short sequence

@@ -4,8 +4,9 @@ Why C and ctypes rather than a torch C++ extension: these kernels take raw
 pointers and need no torch headers, so a build takes about a second instead of
 a minute. The shared object is cached under ``$LLMOPT_CACHE_DIR`` (default
 ``~/.cache/llmopt``) keyed by the source, the compiler and this CPU's flags
-(it is built with ``-march=native``). Without a compiler :func:`load` returns
-None and callers use their PyTorch path instead. Whether a compiled graph uses
+(it is built with ``-march=native``). The compiler is ``$CC``, else ``cc`` or
+``gcc`` on the PATH. Without one (or with ``$CC`` naming no program) :func:`load`
+returns None and callers use their PyTorch path instead. Whether a compiled graph uses
 these kernels at all is the ``kernels.native`` option (``LLMOPT_NATIVE=0`` is
 its override, read when the options are built), decided per site by the passes.
 """
@@ -43,6 +44,8 @@ def load(name: str) -> Optional[ctypes.CDLL]:
 
 def _build_and_open(name: str) -> Optional[ctypes.CDLL]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is not None and shutil.which(compiler) is None:
+        compiler = None  # $CC names no program: the same as no compiler
     if compiler is None:
         _log.info("llmopt: no C compiler found; the CPU kernel %r falls back to PyTorch ops", name)
         return None
