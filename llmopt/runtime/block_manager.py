@@ -202,6 +202,23 @@ class BlockManager:
                 self._block_hash[block_id] = hashes[i]
         self._num_registered[seq.request_id] = num_full
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks that hold positions ``[0, num_tokens)``; release the rest.
+
+        For speculative decoding: blocks past the verified tokens held only
+        rejected drafts. They were never registered (only computed full
+        blocks are), so they go straight back to the plain free list.
+        """
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            self._ref_count[block_id] -= 1
+            if self._ref_count[block_id] == 0:
+                if self._block_hash[block_id] is None:
+                    self._free_plain.append(block_id)
+                else:
+                    self._free_cached[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq``; ``num_computed_tokens`` is left to the caller."""
         # Reverse order: a sequence's tail blocks are the least likely to be

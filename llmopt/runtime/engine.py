@@ -55,6 +55,12 @@ class LLMEngine:
         self.warmup_seconds = time.perf_counter() - start
         self.num_total_blocks = self._num_blocks()
         self.runner.allocate_kv_cache(self.num_total_blocks)
+        self.speculator = None
+        if config.speculative_config is not None:
+            from llmopt.runtime.speculative.speculator import build_speculator
+
+            self.speculator = build_speculator(config.speculative_config, model, self.runner,
+                                               self.num_total_blocks, config)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens,
                             max_num_seqs=config.max_num_seqs, block_size=config.block_size,
@@ -156,24 +162,50 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.abort(request.seq.request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request.seq.request_id)
         request.metrics.finished_time = time.perf_counter()
         return self._output(request)
 
     # ---- one step --------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler, self._requests, self.max_model_len)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
         items = scheduled.scheduled
         logits = self.runner.execute(items)
         sampling = [s for s in items if s.samples]
-        requests = [self._requests[s.request_id] for s in sampling]
-        token_ids = sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        sampled = {s.request_id: t for s, t in zip(sampling, token_ids)}
-        _record_logprobs(logits, requests, token_ids)
+        sampled: dict[str, int | list[int]] = {}
+        plain_rows, plain, logprob_rows = [], [], []
+        row = 0
+        for item in sampling:
+            request = self._requests[item.request_id]
+            if item.num_draft_tokens:
+                rows = slice(row, row + 1 + item.num_draft_tokens)
+                tokens = self.speculator.verify(item, logits[rows], request)
+                sampled[item.request_id] = tokens
+                logprob_rows += [(request, row + j, t) for j, t in enumerate(tokens)]
+            else:
+                plain_rows.append(row)
+                plain.append(item)
+            row += 1 + item.num_draft_tokens
+        if plain:
+            requests = [self._requests[s.request_id] for s in plain]
+            plain_logits = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
+            token_ids = sample(plain_logits, [r.params for r in requests], [r.generator for r in requests])
+            for item, request, r, t in zip(plain, requests, plain_rows, token_ids):
+                sampled[item.request_id] = t
+                logprob_rows.append((request, r, t))
+        _record_logprobs(logits, logprob_rows)
         now = time.perf_counter()
         finished = {seq.request_id for seq in self.scheduler.update(scheduled, sampled)}
+        if self.speculator is not None:
+            self.speculator.after_step(items)
+            for request_id in finished:
+                self.speculator.forget(request_id)
         self.num_steps += 1
         outputs = []
         for item in sampling:
@@ -182,6 +214,8 @@ class LLMEngine:
                 request.metrics.first_token_time = now
                 request.metrics.num_prefix_hit_tokens = request.seq.num_prefix_hit_tokens
             request.metrics.num_preemptions = request.seq.num_preemptions
+            if request.logprobs is not None and len(request.logprobs) > request.seq.num_output_tokens:
+                del request.logprobs[request.seq.num_output_tokens:]  # drafts after a stop
             if item.request_id in finished:
                 request.metrics.finished_time = now
                 if request.seq.finish_reason is not FinishReason.STOP:
@@ -217,24 +251,24 @@ class LLMEngine:
         return self.scheduler.block_manager.kv_waste_fraction()
 
 
-def _record_logprobs(logits: torch.Tensor, requests: list[_Request], token_ids) -> None:
-    """Append each sampled token's log-probability (and the top alternatives) where asked for.
+def _record_logprobs(logits: torch.Tensor, emitted: list[tuple[_Request, int, int]]) -> None:
+    """Append each emitted token's log-probability (and the top alternatives) where asked for.
 
+    ``emitted``: (request, logit row, token) in each request's token order.
     Taken from the model's raw distribution (before temperature and top-k/p), as vLLM does.
     """
-    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    if not rows:
+    wanted = [(r, row, t) for r, row, t in emitted if r.params.logprobs is not None]
+    if not wanted:
         return
-    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
-    for row, lp in zip(rows, logprobs):
-        request, token = requests[row], int(token_ids[row])
+    logprobs = torch.log_softmax(logits[[row for _, row, _ in wanted]].float(), dim=-1)
+    for (request, _, token), lp in zip(wanted, logprobs):
         top = []
         if request.params.logprobs:
             values, ids = lp.topk(request.params.logprobs)
             top = list(zip(ids.tolist(), values.tolist()))
         if request.logprobs is None:
             request.logprobs = []
-        request.logprobs.append((token, float(lp[token]), top))
+        request.logprobs.append((int(token), float(lp[int(token)]), top))
 
 
 def _vocab_size(model, tokenizer) -> int | None:

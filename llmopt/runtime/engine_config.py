@@ -10,6 +10,7 @@ import torch
 
 from llmopt.kernels.options import KernelOptions
 from llmopt.runtime.kv_budget import as_dtype
+from llmopt.runtime.speculative.config import SpeculativeConfig
 
 
 @dataclass
@@ -34,6 +35,9 @@ class EngineConfig:
         kernels: the compiler's ``kernels`` option group (a dict or
             ``KernelOptions``): which implementation each op of the served
             graph runs, e.g. ``{"paged_attention": "gather_sdpa"}``.
+        speculative_config: speculative decoding (a dict or
+            ``SpeculativeConfig``: ``method`` "ngram" / "draft_model" /
+            "layer_skip", ``num_speculative_tokens``, ...); None: off.
     """
 
     dtype: Any = "float32"
@@ -50,6 +54,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None
     kernels: Any = None
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         self.dtype = as_dtype(self.dtype)
@@ -71,6 +76,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1 or None, got {value}")
         # Checked here, when the engine is built, with the compiler's own messages.
         self.kernels = KernelOptions.from_options(self.kernels)
+        self.speculative_config = SpeculativeConfig.from_options(self.speculative_config)
         if not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -39,6 +39,7 @@ class RunnerOptions:
     block_size: int
     lower: str = "inductor"
     kernels: Any = None  # the compiler's ``kernels`` option group
+    compile_options: dict | None = None  # more llmopt options (a draft model's ``quantize``, ...)
 
 
 class PagingNotApplied(RuntimeError):
@@ -52,7 +53,8 @@ class ModelRunner:
         self.device = options.device
         self.decoder, self.head = _split_head(model)
         self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False,
-                                       options={"paged_kv": True, "lower": options.lower,
+                                       options={**(options.compile_options or {}),
+                                                "paged_kv": True, "lower": options.lower,
                                                 "kernels": options.kernels})
         self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
 
@@ -90,7 +92,9 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------
 
     def execute(self, scheduled: list[ScheduledSequence]) -> Tensor:
-        """Logits ``(S, V)`` (fp32) of the scheduled sequences that sample, in their order."""
+        """Logits (fp32) of the scheduled sequences that sample, in their order: one row
+        each, or 1 + its number of drafts for a sequence verifying drafts (the rows that
+        predict each draft, then the one after the last)."""
         token_ids, positions, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
         for item in scheduled:
             token_ids += item.token_ids
@@ -99,13 +103,31 @@ class ModelRunner:
             starts.append(starts[-1] + item.num_scheduled_tokens)
             seq_lens.append(item.end)
             if item.samples:
-                logit_rows.append(starts[-1] - 1)
+                logit_rows.extend(range(starts[-1] - 1 - item.num_draft_tokens, starts[-1]))
+        return self._run_packed(token_ids, positions, slots, starts, seq_lens,
+                                [item.seq.block_table for item in scheduled], logit_rows)
+
+    def execute_packed(self, items: list[tuple[list[int], int, list[int]]], block_size: int) -> Tensor:
+        """Logits of the last token of each ``(token_ids, start position, block table)``:
+        the tokens go to positions ``start...`` through the block table (a drafter's step)."""
+        token_ids, positions, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
+        for tokens, start, table in items:
+            end = start + len(tokens)
+            token_ids += tokens
+            positions += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            starts.append(starts[-1] + len(tokens))
+            seq_lens.append(end)
+            logit_rows.append(starts[-1] - 1)
+        return self._run_packed(token_ids, positions, slots, starts, seq_lens,
+                                [table for _, _, table in items], logit_rows)
+
+    def _run_packed(self, token_ids, positions, slots, starts, seq_lens, tables, logit_rows) -> Tensor:
         num_real = len(token_ids)
         pad = max(0, _MIN_TOKENS - num_real)
-        token_ids += [0] * pad
-        positions += [0] * pad
-        slots += [-1] * pad
-        tables = [item.seq.block_table for item in scheduled]
+        token_ids = token_ids + [0] * pad
+        positions = list(positions) + [0] * pad
+        slots = slots + [-1] * pad
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         step = PagedStep(
@@ -113,7 +135,7 @@ class ModelRunner:
             block_tables=block_tables,
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            max_query_len=max(s.num_scheduled_tokens for s in scheduled),
+            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_seq_len=max(seq_lens))
         return self._run(torch.tensor(token_ids), torch.tensor(positions), step,
                          torch.tensor(logit_rows, dtype=torch.long))

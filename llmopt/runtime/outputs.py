@@ -40,13 +40,36 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock times (``time.perf_counter()``) of a request's life."""
+    """Wall-clock times (``time.perf_counter()``) of a request's life, and counts.
+
+    With speculative decoding: ``num_drafted_tokens`` drafts were verified,
+    ``num_accepted_tokens`` of them kept, over ``num_spec_steps`` steps that
+    verified drafts (each emits the kept drafts and one token of the target).
+    """
 
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
     num_prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
     num_preemptions: int = 0
+    num_drafted_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_spec_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Kept drafts / verified drafts (0 without any)."""
+        return self.num_accepted_tokens / self.num_drafted_tokens if self.num_drafted_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per step that verified drafts: 1 + kept drafts, on average (0 without any)."""
+        return 1 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else 0.0
+
+    def add(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.num_drafted_tokens += drafted
+        self.num_accepted_tokens += accepted
+        self.num_spec_steps += 1
 
 
 @dataclass

@@ -53,6 +53,21 @@ def sample(
     return tokens
 
 
+def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution ``sample`` draws row i from (temperature, top-k, top-p), normalised,
+    one column per token id: (N, V) fp32. Rows must not be greedy."""
+    probs, order = _probs(logits.float(), params)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    if order is None:
+        return probs
+    return torch.empty_like(probs).scatter_(1, order, probs)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token id from the distribution ``probs`` (V,), from ``generator`` (None: global RNG)."""
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
 def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Filtered, unnormalised probabilities, and the token id of each column (None: column = token)."""
     device, vocab = logits.device, logits.shape[-1]

@@ -17,6 +17,17 @@ preempted sequences go back to its front, and a running sequence is only
 ever preempted for an older one. The oldest request therefore always makes
 progress, since ``max_model_len`` is capped at what the pool holds.
 
+Speculative decoding: a decoding sequence may carry drafted tokens
+(``seq.draft_token_ids``, set by the engine before ``schedule``). It is then
+scheduled for 1 + d tokens (its last token and d <= drafts, as many as the
+budget, ``max_model_len`` and the free blocks allow: drafts never preempt
+anyone), the step returns logits for all of them, and ``update`` takes the
+verified tokens (the accepted drafts and one token from the target). Its
+``num_computed_tokens`` then counts only verified positions and its block
+table is cut back to the blocks that hold them, so blocks that held only
+rejected tokens go back to the pool; the K/V slots of rejected tokens left
+in a kept block are overwritten by the next step.
+
 The scheduler knows nothing of sampling: ``update`` takes the sampled token
 ids and asks ``finish_check`` (stop tokens, stop strings) whether a sequence
 is done; ``max_tokens`` and ``max_model_len`` it checks itself.
@@ -89,6 +100,7 @@ class ScheduledSequence:
     token_ids: list[int]
     slot_mapping: list[int]
     samples: bool  # the step reaches the last token: a token is sampled from its logits
+    num_draft_tokens: int = 0  # drafts fed after the last token, verified by this step
 
     @property
     def request_id(self) -> str:
@@ -191,7 +203,10 @@ class Scheduler:
         """Record a step's results; returns the sequences that finished.
 
         ``sampled_token_ids`` maps request id -> the token sampled for each
-        scheduled sequence whose ``samples`` is true (and only those).
+        scheduled sequence whose ``samples`` is true (and only those); for a
+        sequence that verified drafts, the list of tokens it emits (the
+        accepted drafts, then the target's token): they are appended one by
+        one, and the first one that finishes the sequence ends it.
         Sequences aborted since ``schedule`` are skipped.
         """
         if output is not self._pending and output.scheduled:
@@ -203,16 +218,29 @@ class Scheduler:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted during the step
-            seq.num_computed_tokens = item.end
-            self.block_manager.mark_full_blocks_cached(seq)
             if not item.samples:
+                seq.num_computed_tokens = item.end
+                self.block_manager.mark_full_blocks_cached(seq)
                 continue
-            seq.output_token_ids.append(int(sampled_token_ids[seq.request_id]))
-            reason = self._finish_reason(seq)
+            tokens = sampled_token_ids[seq.request_id]
+            tokens = [tokens] if isinstance(tokens, int) else list(tokens)
+            reason = None
+            for token in tokens:
+                seq.output_token_ids.append(int(token))
+                reason = self._finish_reason(seq)
+                if reason is not None:
+                    break
+            # Verified positions: the fed last token and the accepted drafts.
+            seq.num_computed_tokens = item.start + (len(tokens) if item.num_draft_tokens
+                                                    else item.num_scheduled_tokens)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
                 finished.append(seq)
+                continue
+            if item.num_draft_tokens:
+                self.block_manager.truncate(seq, seq.num_computed_tokens)
+            self.block_manager.mark_full_blocks_cached(seq)
         return finished
 
     # ---- internals -------------------------------------------------------
@@ -229,12 +257,26 @@ class Scheduler:
                     f"request {item.request_id!r}: "
                     + ("its step reached the last token but no token was sampled for it"
                        if item.samples else "a token was sampled mid-prefill, where none is due"))
+            tokens = sampled_token_ids.get(item.request_id)
+            if isinstance(tokens, (list, tuple)) and not 1 <= len(tokens) <= 1 + item.num_draft_tokens:
+                raise ValueError(f"request {item.request_id!r}: {len(tokens)} tokens for a step that "
+                                 f"verified {item.num_draft_tokens} drafts (1 to "
+                                 f"{1 + item.num_draft_tokens} are possible)")
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            drafts, seq.draft_token_ids = seq.draft_token_ids, []
             num_new = self._chunk(seq.num_new_tokens, budget)
+            if drafts and seq.num_new_tokens == 1:
+                drafts = drafts[:min(budget - 1, self.max_model_len - seq.num_tokens)]
+                if drafts and self.block_manager.can_allocate(seq, 1 + len(drafts)):
+                    self.block_manager.allocate(seq, 1 + len(drafts))
+                    self._add_scheduled(output, seq, 1, drafts)
+                    budget -= 1 + len(drafts)
+                    i += 1
+                    continue
             if not self._reserve_blocks(seq, num_new, output):
                 break  # it was the newest one left: preempted itself
             self._add_scheduled(output, seq, num_new)
@@ -279,17 +321,21 @@ class Scheduler:
         threshold = self.config.long_prefill_token_threshold
         return min(num, threshold) if threshold is not None else num
 
-    def _add_scheduled(self, output: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+    def _add_scheduled(self, output: SchedulerOutput, seq: Sequence, num_new: int,
+                       drafts: list[int] | None = None) -> None:
         start = seq.num_computed_tokens
+        drafts = drafts or []
         output.scheduled.append(ScheduledSequence(
-            seq=seq, start=start, num_scheduled_tokens=num_new,
-            token_ids=seq.token_ids(start, start + num_new),
-            slot_mapping=self.block_manager.slot_mapping(seq, start, num_new),
-            samples=start + num_new == seq.num_tokens))
+            seq=seq, start=start, num_scheduled_tokens=num_new + len(drafts),
+            token_ids=seq.token_ids(start, start + num_new) + drafts,
+            slot_mapping=self.block_manager.slot_mapping(seq, start, num_new + len(drafts)),
+            samples=start + num_new == seq.num_tokens, num_draft_tokens=len(drafts)))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_draft_computed = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         # Victims are taken newest first, so the front stays in arrival order.

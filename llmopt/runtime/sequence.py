@@ -51,6 +51,11 @@ class Sequence:
         num_prefix_hit_tokens: tokens found in the prefix cache the last time
             the sequence was admitted.
         num_preemptions: how many times its blocks were taken back.
+        draft_token_ids: tokens a drafter proposes after the last one, for
+            the next step to verify (speculative decoding); the scheduler
+            takes them (all, some or none) and clears the list.
+        num_draft_computed: leading positions whose K/V a separate draft
+            model holds (its own cache); 0 after a preemption.
     """
 
     request_id: str
@@ -66,6 +71,8 @@ class Sequence:
     arrival_index: int = -1
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list, repr=False)
+    num_draft_computed: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]

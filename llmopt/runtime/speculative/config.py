@@ -1,0 +1,104 @@
+"""``speculative_config``: which drafter the engine speculates with, validated up front.
+
+Names follow vLLM's ``speculative_config`` where it has them (``method``,
+``num_speculative_tokens``, ``prompt_lookup_min/max``, ``model``,
+``disable_by_batch_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from llmopt.errors import LLMOptConfigError, check_bool, check_choice, checked_fields
+
+METHODS = ("ngram", "draft_model", "layer_skip")
+_GROUP = "speculative_config"
+
+
+@dataclass
+class SpeculativeConfig:
+    """Options of speculative decoding.
+
+    Attributes:
+        method: ``"ngram"`` (prompt lookup over the prompt and the output so
+            far), ``"draft_model"`` (a smaller model with the target's
+            vocabulary) or ``"layer_skip"`` (the target's first
+            ``num_layers`` decoder layers + final norm + ``lm_head``).
+        num_speculative_tokens: k, the most tokens drafted per sequence and step.
+        prompt_lookup_min / prompt_lookup_max: n-gram sizes tried (longest
+            first) when looking the sequence's last tokens up in its history.
+        model: the draft (``draft_model``): a name (``"smollm2"``), a path or
+            an ``nn.Module``.
+        model_options: the draft's compile options, e.g. ``{"quantize": "int4"}``.
+        num_layers: the draft's decoder layers (``layer_skip``), in
+            ``[1, target layers)``.
+        adaptive: choose k per sequence from its recent acceptance (0
+            switches the sequence off for a while).
+        disable_by_batch_size: speculate only while fewer sequences than this
+            run (verifying drafts costs compute a large batch no longer has
+            spare); None: always.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    model: Any = None
+    model_options: dict = field(default_factory=dict)
+    num_layers: int | None = None
+    adaptive: bool = True
+    disable_by_batch_size: int | None = 8
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS, group=_GROUP)
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, 1)
+        _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, 1)
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise LLMOptConfigError(
+                f"{_GROUP}: prompt_lookup_max ({self.prompt_lookup_max}) is below "
+                f"prompt_lookup_min ({self.prompt_lookup_min})")
+        check_bool("adaptive", self.adaptive, group=_GROUP)
+        if self.disable_by_batch_size is not None:
+            _check_int("disable_by_batch_size", self.disable_by_batch_size, 1)
+        if not isinstance(self.model_options, Mapping):
+            raise LLMOptConfigError(f"{_GROUP}: model_options must be a dict of compile options, "
+                                    f"got {type(self.model_options).__name__}")
+        self.model_options = dict(self.model_options)
+        if self.method == "draft_model" and self.model is None:
+            raise LLMOptConfigError(f"{_GROUP}: method 'draft_model' needs model "
+                                    "(a name such as 'smollm2', a path or an nn.Module)")
+        if self.method != "draft_model" and (self.model is not None or self.model_options):
+            raise LLMOptConfigError(f"{_GROUP}: model / model_options belong to method "
+                                    f"'draft_model', not {self.method!r}")
+        if self.method == "layer_skip":
+            if self.num_layers is None:
+                raise LLMOptConfigError(f"{_GROUP}: method 'layer_skip' needs num_layers "
+                                        "(how many of the target's first decoder layers draft)")
+            _check_int("num_layers", self.num_layers, 1)
+        elif self.num_layers is not None:
+            raise LLMOptConfigError(f"{_GROUP}: num_layers belongs to method 'layer_skip', "
+                                    f"not {self.method!r}")
+
+    @classmethod
+    def from_options(cls, options: "SpeculativeConfig | Mapping[str, Any] | None"
+                     ) -> "SpeculativeConfig | None":
+        if options is None or isinstance(options, SpeculativeConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise LLMOptConfigError(f"{_GROUP} must be a dict or a SpeculativeConfig, "
+                                    f"got {type(options).__name__}")
+        return cls(**checked_fields(cls, options, f"{_GROUP} option"))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["model"] is not None and not isinstance(out["model"], str):
+            out["model"] = type(self.model).__name__
+        return out
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise LLMOptConfigError(f"{_GROUP}: {name} must be an int >= {minimum}, got {value!r}")
