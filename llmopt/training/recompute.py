@@ -12,8 +12,8 @@
   possible, 1: the default, save what the partitioner would).
 
 ``"full"`` and ``"selective"`` keep dropout exact because the checkpoint restores
-the RNG state before recomputing (``preserve_rng_state``), and the selective policy
-never recomputes a random op.
+the RNG state before recomputing (``preserve_rng_state``) and the selective policy
+saves no random op (a saved one would shift the draws of those recomputed after it).
 """
 
 from __future__ import annotations
@@ -38,14 +38,27 @@ SAVED_OPS = {
 
 
 def selective_policy(ctx, op, *args, **kwargs):
-    """Save matmuls, attention (aten's SDPA kernels and llmopt's attention ops) and
-    random ops; recompute everything else."""
+    """Save matmuls and attention (aten's SDPA kernels, llmopt's attention ops); recompute
+    everything else, random ops and attention with dropout included: the recompute then
+    replays every random op in the forward's order from the restored RNG state."""
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()) or _dropout_p(op, args, kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
     packet = getattr(op, "overloadpacket", op)
     if packet in SAVED_OPS or getattr(op, "namespace", None) == "llmopt":
         return CheckpointPolicy.MUST_SAVE
-    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-        return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _dropout_p(op, args, kwargs) -> float:
+    """The op's ``dropout_p`` argument (0 if it has none): such an op draws random numbers."""
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return 0.0
+    for index, argument in enumerate(schema.arguments):
+        if argument.name == "dropout_p":
+            value = kwargs.get("dropout_p", args[index] if index < len(args) else 0.0)
+            return float(value or 0.0)
+    return 0.0
 
 
 def decoder_layers(model: torch.nn.Module) -> Optional[torch.nn.ModuleList]:

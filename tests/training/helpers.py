@@ -13,7 +13,7 @@ def sequences(count, low=5, high=30, seed=0, vocab=256):
 
 
 def tiny(dtype=torch.float32, **overrides):
-    return random_llama(num_layers=2, **overrides).to(dtype)
+    return random_llama(**{"num_layers": 2, **overrides}).to(dtype)
 
 
 def capture_grads(trainer):
