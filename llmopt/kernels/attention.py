@@ -302,6 +302,16 @@ _NATIVE_MAX_QUERY_LEN = 8
 _NATIVE_FUNCTIONS = {torch.float32: "dense_attention_f32", torch.bfloat16: "dense_attention_bf16"}
 
 
+# Calls the native kernel answered in this process, read through native_rows_calls()
+# (tests check which path a call took); only this module writes it.
+_NATIVE_ROWS_CALLS = [0]
+
+
+def native_rows_calls() -> int:
+    """How many ``llmopt::attention`` calls ``native/dense_attention.c`` computed so far."""
+    return _NATIVE_ROWS_CALLS[0]
+
+
 def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     """Decode-sized calls (at most 8 query tokens) in ``native/dense_attention.c``, or None.
 
@@ -337,7 +347,10 @@ def _native_rows_attention(q, k, v, attn_mask, causal_offset, scale):
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None,
                 mask is not None and mask.dtype == torch.bool, out.data_ptr(), lse.data_ptr(),
                 batch, q_heads, kv_heads, q_len, k_len, head_dim, strides, scale)
-    return (out, lse) if status == 0 else None
+    if status != 0:
+        return None
+    _NATIVE_ROWS_CALLS[0] += 1
+    return out, lse
 
 
 _NATIVE_ATTENTION: dict = {}  # dtype -> the C function (None: not built), filled on first use
