@@ -42,8 +42,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmopt.errors import LLMOptConfigError, check_choice, checked_fields
+from llmopt.training.config import TrainConfig
+from llmopt.training.data import IGNORE
+from llmopt.training.trainer import Trainer, TrainResult, token_cross_entropy
 
-__all__ = ["DISTILL_LOSSES", "DistillConfig", "DistillTrainer", "distill", "divergence_sum", "token_divergence"]
+__all__ = ["DISTILL_LOSSES", "DistillConfig", "DistillTrainer", "check_vocabularies", "distill", "divergence_sum",
+           "freeze_pruned_zeros", "token_divergence", "vocabulary_size"]
 
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 GROUP = "distill"
@@ -149,3 +153,97 @@ def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m
 def _chunk_sum(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
     per_row = token_divergence(s, t, loss, temperature)
     return torch.where(keep, per_row, torch.zeros_like(per_row)).sum()
+
+
+# ---------------------------------------------------------------- training
+
+
+def vocabulary_size(model: torch.nn.Module) -> int | None:
+    """The number of logits a model produces (its output embedding's rows, else its config's)."""
+    model = getattr(model, "_orig_mod", model)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def check_vocabularies(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    s, t = vocabulary_size(student), vocabulary_size(teacher)
+    if s is not None and t is not None and s != t:
+        raise LLMOptConfigError(
+            f"distill: the student's vocabulary ({s} tokens) differs from the teacher's ({t}); "
+            "distillation compares next-token distributions, so both need the same tokenizer and vocabulary"
+        )
+
+
+class DistillTrainer(Trainer):
+    """A :class:`~llmopt.training.Trainer` whose loss is the distillation loss (module docstring).
+
+    Evaluation (``evaluate``, early stopping) stays the student's plain next-token loss,
+    so eval perplexities compare with any other run's.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, config: TrainConfig | None = None,
+                 train_data=None, eval_data=None, *, distill_config: "DistillConfig | Mapping[str, Any] | None" = None,
+                 **kwargs):
+        check_vocabularies(student, teacher)
+        self.teacher = teacher
+        self.distill_config = DistillConfig.from_options(distill_config)
+        super().__init__(student, config, train_data, eval_data, **kwargs)
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        cfg = self.distill_config
+        outputs = self.forward(model, batch)
+        labels = batch["labels"].to(self.device)
+        ce_sum, count = token_cross_entropy(outputs.logits, labels)
+        if cfg.ce_weight == 1.0:
+            return ce_sum, count
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher(**self.model_inputs(batch)).logits
+        # position t is scored when its target labels[t + 1] is (HF's shift, as the CE)
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != IGNORE
+        kl_sum = divergence_sum(outputs.logits, teacher_logits, mask, cfg.loss, cfg.temperature, cfg.chunk_size)
+        loss = (1.0 - cfg.ce_weight) * cfg.temperature ** 2 * kl_sum
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * ce_sum
+        return loss, count
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_data,
+            config: "DistillConfig | Mapping[str, Any] | None" = None, *, train_config: TrainConfig | None = None,
+            eval_data=None, **trainer_kwargs) -> TrainResult:
+    """Train ``student`` (in place) on ``teacher``'s distributions; returns the run's TrainResult.
+
+    ``train_config``: every Trainer option (steps, batch, optimizer, compile...);
+    ``trainer_kwargs`` go to the Trainer (``tokenizer`` for text data, ``callbacks``...).
+    """
+    trainer = DistillTrainer(student, teacher, train_config, train_data, eval_data, distill_config=config,
+                             **trainer_kwargs)
+    return trainer.train()
+
+
+def freeze_pruned_zeros(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list:
+    """Keep a pruned model's zero weights at zero while it trains (for 2:4 or unstructured pruning).
+
+    Every Linear weight (not named in ``skip``) that holds zeros gets a hook that zeroes the
+    gradient where the weight is zero, after each accumulation. With AdamW or Lion starting from
+    a fresh state a zero gradient means a zero update (and decoupled decay of 0 is 0), so the
+    sparsity pattern survives training. Returns the hook handles.
+    """
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(part in name for part in skip):
+            weight = module.weight
+            keep = weight.detach() != 0
+            if bool(keep.all()):
+                continue
+
+            def mask_grad(param, keep=keep):
+                param.grad.mul_(keep)
+
+            handles.append(weight.register_post_accumulate_grad_hook(mask_grad))
+    return handles
