@@ -498,6 +498,23 @@ def test_a_full_queue_is_503_with_retry_after(engine):
         server.close()
 
 
+def test_shutting_down_is_503_with_retry_after(engine):
+    """Once SIGTERM stopped accepting (serving.accepting, set by the handler), a new request
+    and /health are 503s in OpenAI's shape, the request's with Retry-After."""
+    server = build_server(engine, "127.0.0.1", 0)
+    server.start()
+    try:
+        assert raw_request(server, "GET", "/health")[0] == 200
+        server.app.state.serving.accepting = False
+        status, headers, body = raw_request(server, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 1})
+        assert status == 503 and headers["retry-after"] == "5"
+        assert json.loads(body)["error"]["type"] == "server_error"
+        status, headers, body = raw_request(server, "GET", "/health")
+        assert status == 503
+    finally:
+        server.close()
+
+
 def test_body_limit_content_type_and_methods(engine):
     server = build_server(engine, "127.0.0.1", 0, max_body_bytes=1000)
     server.start()
