@@ -63,6 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lower", choices=("inductor", "eager"), default="inductor",
                      help="where llmopt lowers the rewritten graph (default inductor)")
     gen.add_argument("--no-compile", action="store_true", help="run the plain Hugging Face cache loop: no torch.compile, no serving engine")
+    _add_speculative_argument(gen)
     gen.set_defaults(run=_generate)
 
     exp = commands.add_parser("explain", help="show what the llmopt backend does to a model", description=(
@@ -94,10 +95,29 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=_positive_int, default=256,
                      help="sequences that may wait beyond the running batch; 503 with Retry-After when full "
                           "(default 256)")
+    _add_speculative_argument(srv)
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
     _add_export_onnx_parser(commands)
     return parser
+
+
+def _add_speculative_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             "(methods: ngram, draft_model, layer_skip; see the README)")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"method\": \"ngram\"}'")
+    return value
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +135,11 @@ def _generate(args) -> int:
 
     _progress(f"compiling with torch.compile(backend='llmopt', lower={args.lower}) for the serving "
               "engine (paged KV cache); the first call takes a while on CPU ...")
-    llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5)
+    try:
+        llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5,
+                  speculative_config=args.speculative_config)
+    except LLMOptConfigError as error:
+        raise UsageError(str(error)) from None
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, seed=args.seed,
                             max_tokens=args.max_tokens)
     printed, output, start = "", None, time.perf_counter()
@@ -173,7 +197,8 @@ def _serve(args) -> int:
     from llmopt.runtime.server import BindError, MissingServeExtra, serve
 
     options = {"model": args.model, "lower": args.lower, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-               "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib}
+               "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib,
+               "speculative_config": args.speculative_config}
     _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
     try:
         serve({k: v for k, v in options.items() if v is not None}, args.host, args.port, args.served_model_name,
@@ -336,7 +361,7 @@ def _load(name: str):
     _progress(f"loading {name} ...")
     start = time.perf_counter()
     try:
-        loaded = load(name)
+        loaded = load(name, progress=_progress)
     except (ModelNotInstalledError, ValueError) as error:
         raise UsageError(str(error)) from None
     _progress(f"loaded {name} in {time.perf_counter() - start:.1f} s")

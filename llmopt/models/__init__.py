@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -41,25 +42,54 @@ class LoadedModel(NamedTuple):
     tokenizer: Any
 
 
-def load(name: str = "smollm2", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load(name: str = "smollm2", dtype: torch.dtype = torch.float32, *, cache: bool = True,
+         progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, with SDPA attention.
 
     ``name`` is a known model name (see KNOWN_MODELS), a local Hugging Face
     model directory, or a local ``.gguf`` file. GGUF weights are de-quantized
-    to ``dtype`` (transformers shows progress bars while doing so).
+    to ``dtype``. The first load of a GGUF keeps a converted copy (safetensors
+    and tokenizer files, see ``llmopt.models.converted_cache``) that later
+    loads read instead; ``cache=False`` converts from the GGUF every time.
+    ``progress`` receives one-line status messages (the CLI prints them).
     """
+    folder, gguf_file = source(name)
+    if gguf_file is not None:
+        return _from_gguf(folder / gguf_file, dtype, cache, progress)
+    return _from_pretrained(folder, dtype)
+
+
+def source(name: str) -> tuple[Path, str | None]:
+    """Where ``load(name)`` reads from: (folder, GGUF file name in it or None for a Hugging Face folder)."""
     if name == "smollm2":
         path = gguf_path()
-        return _from_pretrained(path.parent, dtype, gguf_file=path.name)
+        return path.parent, path.name
     path = Path(name).expanduser()
     if path.is_dir():
-        return _from_pretrained(path, dtype)
+        return path, None
     if path.is_file() and path.suffix == ".gguf":
-        return _from_pretrained(path.parent, dtype, gguf_file=path.name)
+        return path.parent, path.name
     raise ValueError(
         f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, "
         "a local Hugging Face model directory, or a .gguf file"
     )
+
+
+def _from_gguf(path: Path, dtype: torch.dtype, cache: bool, progress) -> LoadedModel:
+    from llmopt.models import converted_cache
+
+    say = progress or (lambda message: None)
+    if not cache:
+        return _from_pretrained(path.parent, dtype, gguf_file=path.name)
+    entry = converted_cache.entry_path(path)
+    if converted_cache.is_complete(entry):
+        return _from_pretrained(entry, dtype)
+    say(f"converting {path.name} once (de-quantizing weights, building the tokenizer); "
+        f"later loads read the copy in {entry.parent}")
+    model, tokenizer = _from_pretrained(path.parent, torch.float32, gguf_file=path.name)
+    if converted_cache.write_entry(entry, model, tokenizer):
+        return _from_pretrained(entry, dtype)  # the same path every later load takes
+    return LoadedModel(model.to(dtype), tokenizer)
 
 
 @functools.lru_cache(maxsize=2)
