@@ -135,6 +135,8 @@ def _generate(args) -> int:
 
     _progress(f"compiling with torch.compile(backend='llmopt', lower={args.lower}) for the serving "
               "engine (paged KV cache); the first call takes a while on CPU ...")
+    from llmopt.errors import LLMOptConfigError
+
     try:
         llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5,
                   speculative_config=args.speculative_config)
