@@ -44,23 +44,28 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmopt.errors import LLMOptConfigError, check_choice, checked_fields
+from llmopt.training import data as data_mod
+from llmopt.training.config import TrainConfig
+from llmopt.training.trainer import Trainer, TrainResult
 
 __all__ = [
     "CURVES",
     "EXIT_WEIGHTS",
     "EarlyExitConfig",
+    "EarlyExitTrainer",
     "add_layer_dropout",
     "decoder_parts",
     "early_exit_loss_sum",
     "exit_agreement",
     "exit_weights",
     "layer_dropout_probabilities",
+    "train_early_exit",
 ]
 
 CURVES = ("exponential", "linear")
 EXIT_WEIGHTS = ("linear", "uniform")
 GROUP = "early_exit"
-IGNORE = -100
+IGNORE = data_mod.IGNORE
 
 
 @dataclass(frozen=True)
@@ -250,3 +255,55 @@ def exit_agreement(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     finally:
         model.train(was_training)
     return (agree / max(count, 1)).tolist()
+
+
+# ---------------------------------------------------------------- training
+
+
+class EarlyExitTrainer(Trainer):
+    """A :class:`~llmopt.training.Trainer` with LayerSkip's layer dropout and early-exit loss.
+
+    The layer-dropout hooks go on the model before it is compiled (they stay on it: remove
+    them with ``trainer.remove_layer_dropout()``); the early-exit loss is the Trainer's
+    ``extra_loss`` (a per-token sum, normalised with the final CE). Evaluation is the final
+    layer's plain loss.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, train_data=None, eval_data=None, *,
+                 early_exit: "EarlyExitConfig | Mapping[str, Any] | None" = None, **kwargs):
+        self.early_exit = EarlyExitConfig.from_options(early_exit)
+        layers, _, _ = decoder_parts(model)
+        self.early_exit.layers(len(layers))  # range check before any work
+        self._dropout_handles = add_layer_dropout(model, self.early_exit.layer_dropout, self.early_exit.curve) \
+            if self.early_exit.layer_dropout > 0 else []
+        super().__init__(model, config, train_data, eval_data, **kwargs)
+
+    def model_inputs(self, batch: dict) -> dict:
+        inputs = super().model_inputs(batch)
+        if self.model.training and self.early_exit.exit_scale > 0:
+            inputs["output_hidden_states"] = True
+        return inputs
+
+    def extra_loss(self, model, batch: dict, outputs):
+        total = super().extra_loss(model, batch, outputs)
+        hidden = getattr(outputs, "hidden_states", None)
+        if hidden is None:
+            return total
+        term = early_exit_loss_sum(self.model, hidden, batch["labels"].to(self.device), self.early_exit)
+        return term if total is None else total + term
+
+    def remove_layer_dropout(self) -> None:
+        for handle in self._dropout_handles:
+            handle.remove()
+        self._dropout_handles = []
+
+
+def train_early_exit(model: nn.Module, train_data, early_exit: "EarlyExitConfig | Mapping[str, Any] | None" = None,
+                     *, train_config: TrainConfig | None = None, eval_data=None, **trainer_kwargs) -> TrainResult:
+    """Train ``model`` in place with LayerSkip's recipe; the layer-dropout hooks are removed
+    at the end. Returns the run's TrainResult."""
+    trainer = EarlyExitTrainer(model, train_config, train_data, eval_data, early_exit=early_exit, **trainer_kwargs)
+    try:
+        return trainer.train()
+    finally:
+        trainer.remove_layer_dropout()
