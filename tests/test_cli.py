@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import llmopt.models
 from llmopt.cli import main
+from tiny_hf import save_tiny_llama
 
 QUESTION = "What is the capital of France?"
 STATS_LINE = re.compile(
@@ -15,9 +15,8 @@ STATS_LINE = re.compile(
 
 
 @pytest.fixture
-def cached_load(monkeypatch, smollm2):
-    """Let in-process CLI runs share the already loaded SmolLM2."""
-    monkeypatch.setattr(llmopt.models, "load", lambda name, dtype=None: smollm2)
+def cached_load(smollm2):
+    """The SmolLM2 the in-process CLI runs load themselves (its converted copy), for references."""
     return smollm2
 
 
@@ -123,20 +122,10 @@ def test_explain_reports_attention(cached_load, capsys):
 # ---------------------------------------------------------------- eval: int4 method and calibration
 
 
-class _ByteTokenizer:
-    """Token ids = the text's bytes (the tiny random Llama has a 256-token vocabulary)."""
-
-    def __call__(self, text, return_tensors=None):
-        return {"input_ids": torch.tensor([list(text.encode())])}
-
-
 @pytest.fixture
-def tiny_load(monkeypatch):
-    from llmopt.models import LoadedModel, random_llama
-
-    loaded = LoadedModel(random_llama("gqa", num_layers=2).eval(), _ByteTokenizer())
-    monkeypatch.setattr(llmopt.models, "load", lambda name, dtype=None: loaded)
-    return loaded
+def tiny_load(tmp_path):
+    """A tiny random Llama with a byte-level tokenizer, saved where ``--model DIR`` loads it."""
+    return ["--model", str(save_tiny_llama(tmp_path / "tiny", heads="gqa", num_layers=2))]
 
 
 def test_eval_int4_gptq_from_a_calibration_text(tiny_load, tmp_path, capsys):
@@ -145,7 +134,7 @@ def test_eval_int4_gptq_from_a_calibration_text(tiny_load, tmp_path, capsys):
     calibration.write_text("Full fathom five thy father lies; of his bones are coral made. " * 8)
     args = ["eval", "--text", str(text), "--context-length", "64", "--stride", "32", "--quantize", "int4",
             "--group-size", "32", "--quantize-skip", "lm_head", "--calibration", str(calibration),
-            "--calibration-tokens", "200", "--json", str(out)]
+            "--calibration-tokens", "200", "--json", str(out), *tiny_load]
     assert main([*args, "--method", "gptq"]) == 0
     assert "| fp32 int4 g32 gptq (float: lm_head) |" in capsys.readouterr().out
     import json

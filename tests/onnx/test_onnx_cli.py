@@ -1,10 +1,10 @@
 """``llmopt export-onnx``: arguments, and an export through the command (on a small
-random model put in place of the loader, so no real model is needed)."""
+random model saved as a Hugging Face directory, so no real model is needed)."""
 
 import pytest
 
 from llmopt.cli import main
-from llmopt.models import random_llama
+from tiny_hf import save_tiny_llama
 
 onnx = pytest.importorskip("onnx")
 
@@ -24,10 +24,10 @@ def test_unexportable_quantization_is_an_argument_error(capsys):
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
-def test_export_through_the_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("llmopt.models.load", lambda name, dtype: (random_llama("mqa").to(dtype), None))
+def test_export_through_the_command(tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "tiny", heads="mqa")  # loaded through --model DIR, as a user's
     path = tmp_path / "m.onnx"
-    assert main(["export-onnx", str(path), "--model", "tiny", "--quantize", "int4", "--group-size", "32"]) == 0
+    assert main(["export-onnx", str(path), "--model", str(model), "--quantize", "int4", "--group-size", "32"]) == 0
     # 2 layers of q/k/v (one call), o, gate/up (one call), down; and lm_head
     assert "2 GroupQueryAttention, 9 MatMulNBits" in capsys.readouterr().out
     ops = [n.op_type for n in onnx.load(path).graph.node]

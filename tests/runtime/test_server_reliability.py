@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_hf import save_tiny_llama
+
 REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"llmopt serve: ready on http://127\.0\.0\.1:(\d+), model (\S+)")
 MAX_BODY = 1_000_000
@@ -32,24 +34,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 def build_tiny_model(folder: Path) -> Path:
     """A seeded random Llama and a byte-level tokenizer, saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from llmopt.models.random_models import random_llama
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {char: i for i, char in enumerate(alphabet)}
-    vocab.update({"<s>": 256, "</s>": 257})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    model = random_llama(vocab_size=VOCAB, max_position_embeddings=CONTEXT, seed=7)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, heads="mha", chat_template=CHAT_TEMPLATE,
+                           max_position_embeddings=CONTEXT, seed=7)
 
 
 class LiveServer:
