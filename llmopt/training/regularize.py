@@ -79,3 +79,22 @@ def penalty(model: torch.nn.Module, config) -> Optional[torch.Tensor]:
 
 def _any_match(model, patterns) -> bool:
     return any(matches(name, patterns) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def active_dropout(model: torch.nn.Module) -> list[str]:
+    """Where the model draws random numbers in training: config dropout fields > 0,
+    attention modules' ``attention_dropout`` > 0, ``nn.Dropout`` modules with p > 0."""
+    found = []
+    model_config = getattr(model, "config", None)
+    for config_keys, _ in DROPOUT_FIELDS.values():
+        for key in config_keys:
+            value = getattr(model_config, key, None) if model_config is not None else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                found.append(f"config.{key}={value}")
+    for name, module in model.named_modules():
+        value = getattr(module, "attention_dropout", None)
+        if isinstance(value, float) and value > 0:
+            found.append(f"{name}.attention_dropout={value}")
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            found.append(f"{name}.p={module.p}")
+    return found

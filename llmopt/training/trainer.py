@@ -120,6 +120,7 @@ class Trainer:
         self.batches = data_mod.Batches(self.train_rows, shuffle=cfg.shuffle, seed=cfg.seed, pad_id=self.pad_id)
 
         regularize.set_dropout(model, cfg)
+        self._check_budget(model)
         recompute_mod.apply(model, cfg.recompute)
         self.train_model = self._wrap(model)
         self.optimizer = build_optimizer(model, cfg)
@@ -145,6 +146,29 @@ class Trainer:
         if self.config.compile:
             wrapped = torch.compile(wrapped, backend="llmopt", options=dict(self.config.compile_options or {}))
         return wrapped
+
+    def has_random_ops(self, model) -> bool:
+        """Whether training draws random numbers in the compiled forward (dropout); a
+        subclass that adds its own random ops (e.g. layer dropout) says so here."""
+        return bool(regularize.active_dropout(model))
+
+    def _check_budget(self, model) -> None:
+        budget = self.config.recompute
+        if isinstance(budget, str):
+            return
+        lower = dict(self.config.compile_options or {}).get("lower", "inductor")
+        if lower != "inductor":
+            raise LLMOptConfigError(f"train option 'recompute' as a memory budget needs Inductor lowering (the "
+                                    f"min-cut partitioner's budget), not compile_options lower={lower!r}")
+        if float(budget) < 1.0 and self.has_random_ops(model):
+            # pytorch/pytorch#190758: under activation_memory_budget < 1 the partitioner may
+            # recompute a random op in the backward with fresh randomness (silently wrong
+            # gradients); tests/training/test_recompute.py checks the bug is still there.
+            raise LLMOptConfigError(
+                f"train option 'recompute'={budget!r} (a memory budget below 1) with dropout on "
+                f"({', '.join(regularize.active_dropout(model)[:3]) or 'random ops'}) is refused: PyTorch's "
+                f"budget partitioner recomputes random ops with fresh randomness (pytorch/pytorch#190758), "
+                f"so the gradients would be wrong. Use recompute='selective' or 'full', or set the dropout to 0")
 
     def _autocast(self):
         if self.autocast_dtype is None:
