@@ -203,8 +203,11 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of > self.num_choices and self.stream:
             raise _FieldError("best_of", "best_of greater than n cannot be streamed")
         if self.echo and self.logprobs is not None:
+            # The engine computes logits only for the rows that sample, never for the prompt's
+            # positions, so the prompt's log-probabilities are not there to return.
             raise _FieldError("echo", "echo with logprobs (the prompt's log-probabilities) is not supported by "
-                              "llmopt; ask for one of them")
+                              "llmopt: its engine computes logits only for the tokens it samples; ask for "
+                              "echo or logprobs, not both")
         if not self.prompt:
             raise _FieldError("prompt", "prompt is empty")
         if isinstance(self.prompt, list) and any(isinstance(p, (str, list)) and not p for p in self.prompt):
