@@ -1,6 +1,7 @@
 """The ``llmopt`` command line: ``generate`` (one prompt on the serving engine),
 ``serve`` (the OpenAI-compatible server), ``explain`` (what the backend rewrites),
-``eval`` (perplexity) and ``export-onnx`` (an ONNX model for ONNX Runtime).
+``eval`` (perplexity), ``export-onnx`` (an ONNX model for ONNX Runtime) and
+``train`` (training on a text: llmopt.training).
 
 Heavy imports (torch, transformers) happen inside the commands so that
 ``--help`` and argument errors answer at once.
@@ -99,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
     _add_export_onnx_parser(commands)
+    _add_train_parser(commands)
     return parser
 
 
@@ -242,6 +244,27 @@ def _add_eval_parser(commands) -> None:
                     help="compile with llmopt even when no option needs it (quantize/prune always compile)")
     ev.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     ev.set_defaults(run=_eval)
+
+
+def _add_train_parser(commands) -> None:
+    from llmopt.training.command import add_arguments
+
+    tr = commands.add_parser("train", help="train (fine-tune) the model on a text", description=(
+        "Train the model compiled by llmopt on a text (see llmopt.training.TrainConfig): progress bar with "
+        "loss and tokens/s, a JSON log, a loss-curve PNG and checkpoints in --output-dir."))
+    _add_model_argument(tr)
+    add_arguments(tr)
+    tr.set_defaults(run=_train)
+
+
+def _train(args) -> int:
+    from llmopt.errors import LLMOptConfigError
+    from llmopt.training.command import run
+
+    try:
+        return run(args, _load)
+    except (LLMOptConfigError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _add_export_onnx_parser(commands) -> None:
