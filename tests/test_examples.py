@@ -18,6 +18,7 @@ EXAMPLES = REPO / "examples"
 # script -> (arguments of its small setting, text its check line ends with when it passes)
 RUNS = {
     "compile_hf.py": (["--tiny"], "attention rewritten: OK"),
+    "finetune.py": (["--tiny"], "OK"),
     "quantize_save_load.py": (["--tiny", "--group-size", "32", "--calibration", str(REPO / "README.md"),
                                "--calibration-tokens", "1024"], "the freshly quantized ones (max |diff| 0.00e+00): OK"),
     "serve_openai.py": (["--tiny", "--lower", "eager", "--max-tokens", "12"], "OK"),
