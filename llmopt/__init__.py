@@ -42,7 +42,7 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module("llmopt.onnx"), name)
-    if name in ("models", "runtime", "quality", "pruning", "onnx"):
+    if name in ("models", "runtime", "quality", "pruning", "onnx", "training"):
         import importlib
 
         return importlib.import_module(f"llmopt.{name}")
