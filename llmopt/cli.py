@@ -1,7 +1,7 @@
 """The ``llmopt`` command line: ``generate`` (one prompt on the serving engine),
 ``serve`` (the OpenAI-compatible server), ``explain`` (what the backend rewrites),
-``eval`` (perplexity), ``export-onnx`` (an ONNX model for ONNX Runtime) and
-``train`` (training on a text: llmopt.training).
+``eval`` (perplexity), ``export-onnx`` (an ONNX model for ONNX Runtime),
+``train`` (training on a text: llmopt.training) and ``distill`` (a teacher into a student).
 
 Heavy imports (torch, transformers) happen inside the commands so that
 ``--help`` and argument errors answer at once.
@@ -101,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
     _add_export_onnx_parser(commands)
     _add_train_parser(commands)
+    _add_distill_parser(commands)
     return parser
 
 
@@ -263,6 +264,38 @@ def _train(args) -> int:
 
     try:
         return run(args, _load)
+    except (LLMOptConfigError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _add_distill_parser(commands) -> None:
+    from llmopt.training.command import add_arguments
+
+    ds = commands.add_parser("distill", help="distill a teacher model into a (pruned) student on a text", description=(
+        "Train a student on the teacher's next-token distributions (llmopt.training.distill): loss = "
+        "ce_weight * CE + (1 - ce_weight) * T^2 * divergence. The student is --student, or the teacher "
+        "pruned with --prune. Every training flag of 'llmopt train' applies."))
+    ds.add_argument("--teacher", default=DEFAULT_MODEL, help="teacher model name or local path (default smollm2)")
+    ds.add_argument("--student", help="student model name or path (default: a copy of the teacher, see --prune)")
+    ds.add_argument("--prune", choices=("2:4", "unstructured", "heads", "channels"),
+                    help="prune the student first (magnitude scores); 2:4/unstructured zeros stay zero in training")
+    ds.add_argument("--prune-sparsity", type=_fraction, default=0.5, help="with --prune other than 2:4 (default 0.5)")
+    ds.add_argument("--loss", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl",
+                    help="divergence (default forward_kl)")
+    ds.add_argument("--temperature", type=_positive_float, default=1.0, help="softmax temperature T (default 1)")
+    ds.add_argument("--ce-weight", type=float, default=0.5,
+                    help="weight of the hard-label cross-entropy in [0, 1] (default 0.5)")
+    ds.add_argument("--chunk-size", type=_positive_int, default=1024, help="positions per divergence chunk (default 1024)")
+    add_arguments(ds)
+    ds.set_defaults(run=_distill)
+
+
+def _distill(args) -> int:
+    from llmopt.errors import LLMOptConfigError
+    from llmopt.training.distill import run_command
+
+    try:
+        return run_command(args, _load)
     except (LLMOptConfigError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
 

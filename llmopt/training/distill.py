@@ -33,6 +33,7 @@ and on every batch by the logits' last dimension).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -247,3 +248,59 @@ def freeze_pruned_zeros(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_hea
 
             handles.append(weight.register_post_accumulate_grad_hook(mask_grad))
     return handles
+
+
+# ---------------------------------------------------------------- ``llmopt distill``
+
+
+def run_command(args, load) -> int:
+    """``llmopt distill``: the CLI's arguments (``llmopt.cli``) -> a distillation run.
+
+    The student is ``--student`` if given, else a copy of the teacher pruned with
+    ``--prune`` (the pruned zeros are kept zero while training). ``load(name) ->
+    (model, tokenizer)`` is the CLI's model loader.
+    """
+    import copy
+
+    from llmopt.training.command import ByteTokenizer, config_from_args
+
+    config = config_from_args(args)
+    settings = DistillConfig(loss=args.loss, temperature=args.temperature, ce_weight=args.ce_weight,
+                             chunk_size=args.chunk_size)
+    if args.random_model:
+        from llmopt.models import random_llama
+
+        teacher, tokenizer = random_llama(num_layers=2, seed=config.seed), ByteTokenizer()
+    else:
+        teacher, tokenizer = load(args.teacher)
+        teacher = teacher.float()
+    if args.student:
+        student, _ = load(args.student)  # same vocabulary: checked by DistillTrainer
+        student = student.float()
+    else:
+        student = copy.deepcopy(teacher)
+    if args.prune:
+        from llmopt.pruning import PruneConfig, prune_model
+
+        prune = PruneConfig(method="magnitude", pattern=args.prune,
+                            sparsity=0.5 if args.prune == "2:4" else args.prune_sparsity)
+        prune_model(student, prune)
+        if not prune.structured:
+            freeze_pruned_zeros(student)
+        print(f"student: the {'student' if args.student else 'teacher'} pruned ({prune.describe()})")
+    trainer = DistillTrainer(student, teacher, config, args.train, eval_data=args.eval, tokenizer=tokenizer,
+                             distill_config=settings)
+    before = trainer.evaluate() if args.eval else None
+    result = trainer.train(resume_from=args.resume)
+    last = result.steps[-1] if result.steps else {}
+    print(f"steps: {len(result.steps)}  final loss: {last.get('loss', float('nan')):.4f}  "
+          f"tokens/s: {result.tokens_per_second:.0f}  ({settings.loss}, T={settings.temperature:g}, "
+          f"ce_weight={settings.ce_weight:g})")
+    if before is not None:
+        teacher_eval = Trainer(teacher, dataclasses.replace(config, output_dir=None, compile=False), args.eval,
+                               eval_data=args.eval, tokenizer=tokenizer).evaluate()
+        after = trainer.evaluate()
+        print(f"held-out perplexity: teacher {teacher_eval['perplexity']:.2f}, student before "
+              f"{before['perplexity']:.2f}, after {after['perplexity']:.2f}")
+    print(f"wrote {args.output_dir}/: result.json, log.jsonl, loss.png, last/ (the student's weights)")
+    return 0
