@@ -13,12 +13,13 @@ the training data, a forward and backward on the model as it will train
 * CPU: weights + gradients + optimizer state + the bytes saved for backward,
   counted with ``torch.autograd.graph.saved_tensors_hooks`` during the forward
   (distinct storages, parameters excluded), plus, with ``recompute`` on, the
-  decoder layers' inputs that the checkpoints hold. Measured eagerly at 1 and 2
-  rows and extrapolated linearly (the saved bytes grow linearly in the batch).
-  Budget: ``memory_budget_bytes``, default 80% of the available memory
-  (``MemAvailable`` of /proc/meminfo). With ``recompute="selective"`` the saved
-  bytes are those of ``"none"`` (an upper bound: the selective cache is not seen by
-  the hooks); with a float budget, likewise.
+  decoder layers' inputs that the checkpoints hold and, with ``"selective"``, the
+  outputs its policy caches (counted by a dispatch mode: a checkpoint's own hooks
+  hide them from the saved-tensor hooks). Measured eagerly at 1 and 2 rows and
+  extrapolated linearly (the saved bytes grow linearly in the batch). Budget:
+  ``memory_budget_bytes``, default 80% of the available memory (``MemAvailable``
+  of /proc/meminfo). With a float budget the bytes are those of ``"none"`` (an
+  upper bound: the partitioner's choice is only known once compiled).
 """
 
 from __future__ import annotations
@@ -41,11 +42,19 @@ def state_bytes(model: torch.nn.Module, optimizer: str) -> int:
 
 
 @contextlib.contextmanager
-def _count_saved(model: torch.nn.Module, layers=None):
-    """Count the distinct storages autograd saves for backward (not parameters), and
-    the inputs of the given (checkpointed) layers."""
+def _count_saved(model: torch.nn.Module, layers=None, selective: bool = False):
+    """Count the distinct storages kept for the backward (parameters excluded): what
+    autograd saves outside checkpointed layers (saved-tensor hooks; a checkpoint's own
+    hooks take over inside its layer), the inputs of checkpointed ``layers``, and with
+    ``selective`` the outputs the selective policy caches inside them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from llmopt.training.recompute import CheckpointPolicy, selective_policy
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    inside = [0]
 
     def add(tensor):
         if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
@@ -57,16 +66,31 @@ def _count_saved(model: torch.nn.Module, layers=None):
         add(tensor)
         return tensor
 
+    class CachedOutputs(TorchDispatchMode):
+        # sees each op after the checkpoint's caching mode: counts what the policy keeps
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if inside[0] and selective_policy(None, func, *args, **(kwargs or {})) == CheckpointPolicy.MUST_SAVE:
+                for value in tree_leaves(out):
+                    add(value)
+            return out
+
     handles = []
-    if layers is not None:
-        for layer in layers:
-            def pre(module, args, kwargs):
-                for value in (*args, *kwargs.values()):
-                    if isinstance(value, torch.Tensor) and value.requires_grad:
-                        add(value)
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    for layer in layers or ():
+        def pre(module, args, kwargs):
+            inside[0] += 1
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    add(value)
+
+        def post(module, args, kwargs, output):
+            inside[0] -= 1
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_hook(post, with_kwargs=True))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                (CachedOutputs() if selective else contextlib.nullcontext()):
             yield seen
     finally:
         for handle in handles:
@@ -78,9 +102,10 @@ def saved_activation_bytes(trainer, batch: dict) -> int:
     from llmopt.training.recompute import decoder_layers
 
     model = trainer.model
-    layers = decoder_layers(model) if trainer.config.recompute in ("full", "selective") else None
+    mode = trainer.config.recompute
+    layers = decoder_layers(model) if mode in ("full", "selective") else None
     model.train()
-    with _count_saved(model, layers) as seen, trainer._autocast():
+    with _count_saved(model, layers, selective=mode == "selective") as seen, trainer._autocast():
         summed, _ = trainer.compute_loss(model, batch)
     trainer.last_outputs = None
     del summed
