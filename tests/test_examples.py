@@ -19,6 +19,7 @@ EXAMPLES = REPO / "examples"
 RUNS = {
     "compile_hf.py": (["--tiny"], "attention rewritten: OK"),
     "finetune.py": (["--tiny"], "OK"),
+    "distill.py": (["--tiny"], "2:4 zeros kept: True: OK"),
     "quantize_save_load.py": (["--tiny", "--group-size", "32", "--calibration", str(REPO / "README.md"),
                                "--calibration-tokens", "1024"], "the freshly quantized ones (max |diff| 0.00e+00): OK"),
     "serve_openai.py": (["--tiny", "--lower", "eager", "--max-tokens", "12"], "OK"),
