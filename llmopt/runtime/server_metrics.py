@@ -35,6 +35,19 @@ class ServerMetrics:
               lambda: self.pending)
         gauge("llmopt_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens computed.",
               lambda: self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0)
+        speculator = getattr(getattr(loop, "engine", None), "speculator", None)
+        if speculator is not None:
+            # Plain ints the engine thread updates; a scrape reads them as they are.
+            stats = speculator.stats
+            gauge("llmopt_spec_decode_num_draft_tokens", "Drafted tokens verified (speculative decoding).",
+                  lambda: stats.num_drafted)
+            gauge("llmopt_spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
+                  lambda: stats.num_accepted)
+            gauge("llmopt_spec_decode_acceptance_rate", "Accepted / drafted tokens.",
+                  lambda: stats.acceptance_rate)
+            gauge("llmopt_spec_decode_mean_accepted_length",
+                  "Tokens emitted per sequence step that verified drafts (1 + accepted).",
+                  lambda: stats.mean_accepted_length)
         self.prompt_tokens = Counter("llmopt_prompt_tokens", "Prompt tokens of admitted sequences.",
                                      list(labels), registry=r).labels(**labels)
         self.generation_tokens = Counter("llmopt_generation_tokens", "Tokens generated.",

@@ -67,6 +67,9 @@ class Speculator:
         if not running or (limit is not None and len(running) >= limit):
             return
         block_manager = scheduler.block_manager
+        bs = block_manager.block_size
+        # Blocks the running sequences need for their next token anyway: drafts leave them free.
+        headroom = sum(1 for s in running if len(s.block_table) * bs <= s.num_computed_tokens)
         seqs, ks = [], []
         for seq in running:
             if seq.num_new_tokens != 1 or seq.status is not SequenceStatus.RUNNING:
@@ -78,10 +81,11 @@ class Speculator:
             if k < 1:
                 continue
             if self.reserves_slots:
-                headroom = len(running)
-                if not block_manager.can_allocate(seq, 1 + k) or \
-                        block_manager.num_free_blocks - self._new_blocks(block_manager, seq, k) < headroom:
+                new = self._new_blocks(block_manager, seq, k)
+                own = 1 if len(seq.block_table) * bs <= seq.num_computed_tokens else 0
+                if new and block_manager.num_free_blocks - new < headroom - own:
                     continue
+                headroom -= own  # its next-token block is part of the reservation
                 block_manager.allocate(seq, 1 + k)
             seqs.append(seq)
             ks.append(k)
