@@ -86,3 +86,19 @@ def test_pruned_zeros_stay_zero_through_training():
         if name in zeros:
             assert (module.weight[zeros[name]] == 0).all(), name
             assert not torch.equal(module.weight, dense[f"{name}.weight"]), name  # the kept weights trained
+
+
+def test_distill_command(tmp_path, capsys):
+    from llmopt.cli import main
+
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    out = tmp_path / "out"
+    common = ["distill", "--random-model", "--train", str(text), "--output-dir", str(out), "--no-compile",
+              "--no-progress", "--seq-len", "64", "--micro-batch-size", "4"]
+    assert main([*common, "--prune", "2:4", "--max-steps", "2", "--loss", "jsd", "--eval", str(text)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 2" in printed and "(jsd, T=1, ce_weight=0.5)" in printed and "held-out perplexity" in printed
+    assert (out / "last" / "model.safetensors").is_file()
+    assert main([*common, "--ce-weight", "1.5"]) == 2
+    assert "'ce_weight' must be a number in [0, 1]" in capsys.readouterr().err
