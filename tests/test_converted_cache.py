@@ -41,13 +41,17 @@ def test_the_cached_copy_equals_the_gguf(tmp_path, monkeypatch):
     copy, copy_tokenizer = models.load("smollm2", progress=messages.append)
     assert messages == []  # a hit: no conversion
     text = "The quick brown fox, naïve café: 12345 <|im_end|>"
-    assert copy_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
+    assert copy_tokenizer(text)["input_ids"] == ids
+    assert copy_tokenizer.decode(ids) == tokenizer.decode(ids)
+    spaced = tokenizer(" a , b . c ! d 's e n't")["input_ids"]
+    assert copy_tokenizer.decode(spaced) == tokenizer.decode(spaced)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     assert (copy_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
     assert copy.config.tie_word_embeddings == reference.config.tie_word_embeddings
     assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([ids])
     with torch.no_grad():
         assert torch.equal(copy(ids).logits, reference(ids).logits)
 

@@ -81,6 +81,7 @@ def write_entry(folder: Path, model, tokenizer) -> bool:
         if generation is not None:
             generation.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
+        _drop_bpe_cleanup_flag(scratch)
         tensors = {}
         seen: dict[int, str] = {}
         for name, tensor in model.state_dict().items():
@@ -102,3 +103,17 @@ def write_entry(folder: Path, model, tokenizer) -> bool:
         shutil.rmtree(scratch, ignore_errors=True)
         warnings.warn(f"llmopt: could not cache the converted model at {folder}: {error}", stacklevel=3)
         return False
+
+
+def _drop_bpe_cleanup_flag(folder: Path) -> None:
+    """transformers ignores ``clean_up_tokenization_spaces`` for BPE tokenizers but warns on every
+    load that it does; GGUF vocabularies carry the flag, so the copy says False (the same text)."""
+    tokenizer_json, config_json = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if not (tokenizer_json.is_file() and config_json.is_file()):
+        return
+    if json.loads(tokenizer_json.read_text()).get("model", {}).get("type") != "BPE":
+        return
+    config = json.loads(config_json.read_text())
+    if config.get("clean_up_tokenization_spaces"):
+        config["clean_up_tokenization_spaces"] = False
+        config_json.write_text(json.dumps(config, indent=2, ensure_ascii=False))
