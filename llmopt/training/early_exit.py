@@ -276,7 +276,15 @@ class EarlyExitTrainer(Trainer):
         self.early_exit.layers(len(layers))  # range check before any work
         self._dropout_handles = add_layer_dropout(model, self.early_exit.layer_dropout, self.early_exit.curve) \
             if self.early_exit.layer_dropout > 0 else []
-        super().__init__(model, config, train_data, eval_data, **kwargs)
+        try:
+            super().__init__(model, config, train_data, eval_data, **kwargs)
+        except BaseException:
+            self.remove_layer_dropout()  # leave the user's model as it was
+            raise
+
+    def has_random_ops(self, model) -> bool:
+        # layer dropout draws per-sequence uniforms in the forward (the recompute budget refuses it)
+        return self.early_exit.layer_dropout > 0 or super().has_random_ops(model)
 
     def model_inputs(self, batch: dict) -> dict:
         inputs = super().model_inputs(batch)

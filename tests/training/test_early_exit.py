@@ -13,6 +13,7 @@ from llmopt.training import TrainConfig, Trainer
 from llmopt.training.early_exit import (
     _LayerDropout,
     EarlyExitConfig,
+    EarlyExitTrainer,
     add_layer_dropout,
     early_exit_loss_sum,
     exit_agreement,
@@ -178,3 +179,10 @@ def test_compiled_early_exit_training_equals_eager():
                                         train_config=_train_config(max_steps=2, **options)).losses
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert abs(losses["no exits"][1] - losses["eager"][1]) > 100 * abs(losses["compiled"][1] - losses["eager"][1])
+
+
+def test_layer_dropout_counts_as_random_ops_for_the_recompute_budget():
+    model = random_llama(num_layers=3)
+    with pytest.raises(LLMOptConfigError, match="190758"):
+        EarlyExitTrainer(model, _train_config(recompute=0.5, compile=True), _pattern_data(),
+                         early_exit=EarlyExitConfig(layer_dropout=0.1))
