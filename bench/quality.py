@@ -1,10 +1,18 @@
 """Quality table: SmolLM2 perplexity under each dtype, quantization and pruning setting.
 
-Perplexity on a text (default ../shared/data/text/macbeth.txt) with fixed
+Perplexity on an evaluation text (--eval-text; default bench/data/julius_caesar.txt,
+a play used neither for calibration nor for tuning any default) with fixed
 windows (context 512, stride 256: each token scored once), capped to the
-first --max-tokens tokens. The calibration text (Wanda, GPTQ, SmoothQuant)
-is another file (default tempest.txt), so the scored text is never seen
-during calibration. Extra rows "int4 g128 gptq+tuneN" quantize from the
+first --max-tokens tokens. The calibration text (Wanda, GPTQ, SmoothQuant,
+tuning; --calibration, default ../shared/data/text/tempest.txt) is another
+file, so the scored text is never seen during calibration; the two must
+differ. Every run scores fp32 first and each row is compared with it
+(``vs_fp32``). Families "defaults" (what a user gets: ``quantize="int8"``,
+``quantize="int4"`` while compiling, ``quantize_weights(model,
+QuantConfig("int4"), calibration=...)``), "int8" (its rounding, activation
+dtype and lm_head), "int4free" (data-free int4 methods by group size, with
+and without a float lm_head) and "gptq" (calibrated int4 g128 variants)
+answer issue 18's targets. Extra rows "int4 g128 gptq+tuneN" quantize from the
 whole calibration text and then tune the grids (--tune-steps). Rows "int4 g128
 awq+gptq" (family "awq") first apply activation-aware equivalent scaling to a
 copy of the float model (llmopt/quantization/awq.py, from the first
@@ -17,13 +25,15 @@ the calibration text. Pruning has no quality target yet: the numbers are
 reported as measured. Writes JSON under bench/results/ and prints a markdown
 table.
 
-    python bench/quality.py [--max-tokens 4096] [--threads 1] [--only fp32 bf16 quantize awq ...]
+    python bench/quality.py [--eval-text PATH] [--calibration PATH] [--max-tokens 4096] [--threads 1]
+                            [--only defaults int8 int4free gptq fp32 bf16 quantize awq ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -42,6 +52,7 @@ from llmopt.config import LLMOptConfig, LLMOptConfigError  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TEXTS = ROOT.parent / "shared" / "data" / "text"
+HELD_OUT = ROOT / "bench" / "data" / "julius_caesar.txt"
 QUANT_MODES = ("int8", "int4", "w8a8", "fp8")
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -49,10 +60,13 @@ GROUP_SIZES = (32, 64, 128, 256)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--text", default=str(TEXTS / "macbeth.txt"))
+    p.add_argument("--eval-text", "--text", dest="text", default=str(HELD_OUT),
+                   help="the text scored (default: a play no default was tuned on)")
     p.add_argument("--calibration", default=str(TEXTS / "tempest.txt"),
-                   help="calibration text (Wanda, GPTQ, SmoothQuant)")
+                   help="calibration and tuning text (Wanda, GPTQ, SmoothQuant, grid tuning); not the eval text")
     p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--gptq-calibration-tokens", type=int, nargs="*", default=[8192],
+                   help="family gptq: one more row per value, GPTQ g128 from this many calibration tokens")
     p.add_argument("--tune-steps", type=int, nargs="*", default=[48],
                    help="extra rows int4 g128 gptq+tune (float: lm_head), one per value: GPTQ, then the grids "
                         "trained for this many calibration windows against the float model's outputs "
@@ -78,8 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--structured-sparsity", type=float, nargs="+", default=[0.5, 0.25],
                    help="heads/channels ratios")
     p.add_argument("--only", nargs="+", default=None,
-                   help="families to run: fp32 bf16 quantize unstructured 2:4 heads channels awq, or tuned "
-                        "(only the gptq+tuneN rows of quantize) (default: all but awq, which runs only when named)")
+                   help="families to run: defaults int8 int4free gptq fp32 bf16 quantize unstructured 2:4 heads "
+                        "channels awq, or tuned (only the gptq+tuneN rows of quantize) (default: all but awq, "
+                        "int8, int4free and gptq, which run only when named); fp32 always runs")
+    p.add_argument("--notes", default="", help="free text kept in the record (e.g. what else ran on the machine)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -97,12 +113,47 @@ def settings(args) -> list[tuple[str, quality.Setting]]:
                 rows.append((pattern, quality.Setting(prune={"method": method, "pattern": pattern,
                                                              "sparsity": sparsity})))
     # Quantized settings last: on a busy CPU they are the slowest to run.
+    rows += [("defaults", s) for s in DEFAULTS]
     for mode in QUANT_MODES:
         if not _accepted(mode):
             print(f"quantize {mode!r}: not accepted by the backend, skipped", file=sys.stderr)
             continue
         rows += [("quantize", s) for s in _quantize_settings(mode)]
-    return [(family, s) for family, s in rows if not args.only or family in args.only]
+    rows += [("int8", s) for s in INT8_ROWS] + [("int4free", s) for s in _data_free_int4()]
+    rows += [("gptq", s) for s in GPTQ_ROWS]
+    opt_in = {"awq", "int8", "int4free", "gptq"}
+    return [(family, s) for family, s in rows
+            if family == "fp32" or (family in args.only if args.only else family not in opt_in)]
+
+
+# What a user gets without choosing: the compile options alone, and quantize_weights with
+# calibration and QuantConfig's defaults (lm_head quantized too).
+FP32_ACTIVATIONS = (("quant_cpu_dtype", "float32"),)
+DEFAULTS = (  # most telling first: a run cut short keeps them (the record is rewritten after each row)
+    quality.Setting(quantize="int4"),  # the data-free default (QuantConfig's method and group size)
+    quality.Setting(quantize="int4", quantize_method="mse", data_free=True),  # the clip search alone
+    quality.Setting(quantize="int8"),  # its default rounding, bf16 activations on CPU
+    quality.Setting(quantize="int4", group_size=128, quantize_method="rtn"),  # the old default
+    quality.Setting(quantize="int8", kernels=FP32_ACTIVATIONS),  # fp32 activations: what bf16 costs
+    quality.Setting(quantize="int8", quantize_method="mse"),  # the clipping search
+    quality.Setting(quantize="int4", group_size=128, quantize_method="gptq"),  # calibrated, lm_head int4 too
+    quality.Setting(quantize="int4", group_size=128, quantize_method="hqq"),
+)
+INT8_ROWS = tuple(quality.Setting(quantize="int8", quantize_method=m, quantize_skip=skip, kernels=k)
+                  for m in ("rtn", "mse") for skip in ((), ("lm_head",)) for k in ((), FP32_ACTIVATIONS))
+
+
+def _data_free_int4() -> list[quality.Setting]:
+    rows = []
+    for g in (32, 64, 128):
+        for method in ("rtn", "mse", "hqq"):
+            for skip in ((), ("lm_head",)):
+                rows.append(quality.Setting(quantize="int4", group_size=g, quantize_method=method,
+                                            quantize_skip=skip, data_free=method == "mse"))
+    return rows
+
+
+GPTQ_ROWS = (quality.Setting(quantize="int4", group_size=128, quantize_method="gptq", quantize_skip=("lm_head",)),)
 
 
 def _quantize_settings(mode: str) -> list[quality.Setting]:
@@ -138,6 +189,19 @@ def _evaluate_tuned(model, tokens, args, calibration, steps: int) -> dict:
 
 def _tuned_label(steps: int) -> str:
     return TUNED.label.replace(" gptq ", f" gptq+tune{steps} ")
+
+
+class GptqRow:
+    """The defaults' calibrated row (QuantConfig("int4"): GPTQ g128, lm_head int4) from N calibration tokens."""
+
+    SETTING = quality.Setting(quantize="int4", quantize_method="gptq")
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    @property
+    def label(self) -> str:
+        return f"{self.SETTING.label} ({self.tokens} calibration tokens)"
 
 
 class AwqRow:
@@ -192,14 +256,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from llmopt.models import load
 
+    load_at_start = os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    eval_text, calibration_source = quality.read_text(args.text), quality.read_text(args.calibration)
+    if Path(args.text).resolve() == Path(args.calibration).resolve() or eval_text == calibration_source:
+        print("error: --eval-text and --calibration are the same text; the scored text must be held out",
+              file=sys.stderr)
+        return 2
     model, tokenizer = load(args.model, dtype=torch.float32)
-    tokens = quality.tokenize(tokenizer, quality.read_text(args.text))
+    tokens = quality.tokenize(tokenizer, eval_text)
     total_tokens = len(tokens)
     tokens = tokens[: args.max_tokens]
-    calibration_text = quality.tokenize(tokenizer, quality.read_text(args.calibration))
+    calibration_text = quality.tokenize(tokenizer, calibration_source)
     calibration = calibration_text[: args.calibration_tokens]
     tune_calibration = calibration_text[: args.tune_calibration_tokens]
     jobs = settings(args)
@@ -207,8 +277,51 @@ def main(argv=None) -> int:
         jobs += [("quantize", steps) for steps in args.tune_steps if steps]  # an int: a tuned g128 row
     if args.only and "awq" in args.only and _accepted("int4"):  # opt-in: ~15 min more
         jobs += [("awq", AwqRow(steps)) for steps in args.awq_tune_steps]
+    if args.only and "gptq" in args.only and _accepted("int4"):
+        jobs += [("gptq", GptqRow(n)) for n in args.gptq_calibration_tokens]
     args.awq_calibration_text = calibration_text[: args.awq_calibration_tokens]
     rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"quality-{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}.json"
+
+    def record(complete: bool) -> dict:
+        return {
+            "benchmark": "quality",
+            "complete": complete,
+            "date": datetime.now().isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "model": args.model,
+            "text": Path(args.text).name,
+            "text_sha256": hashlib.sha256(eval_text.encode()).hexdigest(),
+            "calibration_text": Path(args.calibration).name,
+            "load_average_at_start": load_at_start,
+            "notes": args.notes,
+            "text_tokens": total_tokens,
+            "scored_prefix_tokens": len(tokens),
+            "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens "
+                           f"(Wanda, GPTQ, SmoothQuant; windows of {args.context_length})",
+            "tuned_rows": f"int4 g128 gptq+tuneN: GPTQ from the first {len(tune_calibration)} calibration tokens "
+                          f"(windows of {args.context_length}), then N steps (one window each, cycling) training the "
+                          f"grids against the float model's next-token distributions (KL); levels kept, grids "
+                          f"bf16-exact; pure int4 g128 like the gptq row (lm_head float)",
+            "awq_rows": f"int4 g128 awq+gptq[+tuneN]: activation-aware equivalent scaling (llmopt/quantization/awq.py; "
+                        f"search quantizer {args.awq_search}, o_proj {'scaled' if args.awq_o_proj else 'not scaled'}, "
+                        f"first {len(args.awq_calibration_text)} calibration tokens) folded into a copy of the float "
+                        f"model, then the gptq row's (or the gptq+tuneN row's) quantization of it",
+            "int4_cpu_kernel": "PyTorch's _weight_int4pack_mm (LLMOPT_NATIVE=0)" if os.environ.get("LLMOPT_NATIVE") == "0"
+                               else "llmopt's native kernel (int8 activations) where it builds, else PyTorch's",
+            "context_length": args.context_length,
+            "stride": args.stride,
+            "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling "
+                      "and quantizing from calibration (quantize_seconds); weight_bytes: the tensors the "
+                      "compiled graphs read (tied embedding and lm_head once)",
+            "runtime_s": time.perf_counter() - started,
+            "rows": rows,
+        }
+
     for family, setting in jobs:
         label = _tuned_label(setting) if isinstance(setting, int) else setting.label  # AwqRow has one too
         print(f"== {label}", file=sys.stderr, flush=True)
@@ -220,6 +333,10 @@ def main(argv=None) -> int:
                 row = _evaluate_tuned(model, tokens, args, tune_calibration, setting)
             elif isinstance(setting, AwqRow):
                 row = _evaluate_awq(model, tokens, args, calibration, tune_calibration, setting)
+            elif isinstance(setting, GptqRow):
+                row = quality.evaluate(model, tokens, GptqRow.SETTING, args.context_length, args.stride,
+                                       calibration_text[: setting.tokens])
+                row["setting"] = setting.label
             else:
                 row = quality.evaluate(model, tokens, setting, args.context_length, args.stride, calibration)
         except Exception as error:  # noqa: BLE001 - one failed setting must not lose the table
@@ -227,43 +344,15 @@ def main(argv=None) -> int:
             rows.append({"setting": label, "family": family, "error": f"{type(error).__name__}: {error}"})
             continue
         row["family"] = family
+        if family != "fp32" and rows and rows[0].get("family") == "fp32" and "perplexity" in rows[0]:
+            row["vs_fp32"] = row["perplexity"] / rows[0]["perplexity"] - 1.0
         rows.append(row)
-        print(f"   perplexity {row['perplexity']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        out.write_text(json.dumps(record(False), indent=2))
+        print(f"   perplexity {row['perplexity']:.3f}"
+              + (f" ({row['vs_fp32']:+.2%} vs fp32)" if "vs_fp32" in row else "")
+              + f" ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     runtime = time.perf_counter() - started
-    record = {
-        "benchmark": "quality",
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": args.model,
-        "text": Path(args.text).name,
-        "text_tokens": total_tokens,
-        "scored_prefix_tokens": len(tokens),
-        "calibration": f"{Path(args.calibration).name}, first {len(calibration)} tokens "
-                       f"(Wanda, GPTQ, SmoothQuant; windows of {args.context_length})",
-        "tuned_rows": f"int4 g128 gptq+tuneN: GPTQ from the first {len(tune_calibration)} calibration tokens "
-                      f"(windows of {args.context_length}), then N steps (one window each, cycling) training the "
-                      f"grids against the float model's next-token distributions (KL); levels kept, grids "
-                      f"bf16-exact; pure int4 g128 like the gptq row (lm_head float)",
-        "awq_rows": f"int4 g128 awq+gptq[+tuneN]: activation-aware equivalent scaling (llmopt/quantization/awq.py; "
-                    f"search quantizer {args.awq_search}, o_proj {'scaled' if args.awq_o_proj else 'not scaled'}, "
-                    f"first {len(args.awq_calibration_text)} calibration tokens) folded into a copy of the float "
-                    f"model, then the gptq row's (or the gptq+tuneN row's) quantization of it",
-        "int4_cpu_kernel": "PyTorch's _weight_int4pack_mm (LLMOPT_NATIVE=0)" if os.environ.get("LLMOPT_NATIVE") == "0"
-                           else "llmopt's native kernel (int8 activations) where it builds, else PyTorch's",
-        "context_length": args.context_length,
-        "stride": args.stride,
-        "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling "
-                  "and quantizing from calibration (quantize_seconds); weight_bytes: the tensors the "
-                  "compiled graphs read (tied embedding and lm_head once)",
-        "runtime_s": runtime,
-        "rows": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"quality-{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(json.dumps(record(True), indent=2))
     good = [r for r in rows if "error" not in r]
     print(f"\n{args.model} on {Path(args.text).name}: first {len(tokens)} of {total_tokens} tokens, "
           f"context {args.context_length}, stride {args.stride} (each token scored once)\n")

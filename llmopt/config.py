@@ -17,7 +17,7 @@ from llmopt.kernels.options import KernelOptions
 from llmopt.parallel.config import TensorParallelConfig
 from llmopt.passes.paging_options import PagingOptions
 from llmopt.pruning.config import backend_prune_config
-from llmopt.quantization.config import check_backend_options
+from llmopt.quantization.config import DEFAULT_GROUP_SIZE, check_backend_options
 
 __all__ = ["LLMOptConfig", "LLMOptConfigError", "PASS_NAMES", "checked_fields"]
 
@@ -69,8 +69,9 @@ class LLMOptConfig:
             ``"int8"`` / ``"int4"`` (weight-only), ``"fp8"`` (e4m3 weights;
             emulated on CPU) or ``"w8a8"`` (int8 weights and activations); see
             ``passes/quantize_linear.py`` and ``llmopt/quantization``.
-        group_size: int4 group length along the input features: 32, 64, 128
-            (default) or 256.
+        group_size: int4 group length along the input features: 32 (default),
+            64, 128 or 256 (the default is the one whose data-free int4 holds
+            its quality: docs/PERFORMANCE.md, Quality).
         quantize_skip: layer-name patterns kept in float (globs on the module
             path or its tail, e.g. ``"lm_head"``; ``"re:<regex>"``); by
             default every linear layer is quantized.
@@ -108,7 +109,7 @@ class LLMOptConfig:
     paging: Any = None
     prune: Any = None
     quantize: Optional[str] = None
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     quantize_skip: tuple[str, ...] = field(default_factory=tuple)
     quantized_weights: Any = None
     tensorrt: Any = None

@@ -259,10 +259,14 @@ class Setting:
     group_size: int | None = None
     compile: bool | None = None  # None: only when backend options need it
     lower: str = "eager"
-    quantize_method: str | None = None  # int4: "rtn", "mse", "gptq" (None: what compiling does, rtn)
+    # int4: "rtn", "mse", "hqq", "gptq"; int8: "rtn", "mse" (None: what compiling does,
+    # QuantConfig's data-free default)
+    quantize_method: str | None = None
     quantize_skip: tuple[str, ...] = ()
     smoothquant: bool = False  # w8a8: SmoothQuant factors from the calibration text
     tune_steps: int = 0  # int4 with calibration: QuantConfig.tune_steps
+    data_free: bool = False  # int4 "mse" without calibration (every input weighed alike)
+    kernels: tuple[tuple[str, Any], ...] = ()  # the backend's ``kernels`` options, as (name, value) pairs
 
     @property
     def label(self) -> str:
@@ -274,17 +278,28 @@ class Setting:
         if self.quantize:
             parts.append(self.quantize + (f" g{self.group_size}" if self.group_size else ""))
             if self.quantize_method:
-                parts.append(self.quantize_method)
+                parts.append(self.quantize_method + (" data-free" if self.data_free else ""))
             if self.smoothquant:
                 parts.append("smoothquant")
             if self.quantize_skip:
                 parts.append("(float: " + ", ".join(self.quantize_skip) + ")")
+            if self.kernels:
+                parts.append("[" + ", ".join(f"{k}={v}" for k, v in self.kernels) + "]")
         return " ".join(parts)
 
     @property
     def calibrated_quantization(self) -> bool:
         """Whether the weights are quantized from calibration statistics before compiling."""
-        return bool(self.quantize) and (self.smoothquant or self.quantize_method in ("gptq", "mse"))
+        if not self.quantize:
+            return False
+        return self.smoothquant or self.quantize_method == "gptq" or (
+            self.quantize_method == "mse" and self.quantize == "int4" and not self.data_free)
+
+    @property
+    def prequantized(self) -> bool:
+        """Whether the weights are quantized before compiling: from calibration, or by a
+        method named explicitly (compiling uses QuantConfig's default)."""
+        return bool(self.quantize) and (self.calibrated_quantization or self.quantize_method is not None)
 
     @property
     def structured(self) -> bool:
@@ -301,6 +316,8 @@ class Setting:
                 options["quantize_skip"] = tuple(self.quantize_skip)
         if self.group_size:
             options["group_size"] = self.group_size
+        if self.kernels:
+            options["kernels"] = dict(self.kernels)
         return options
 
     @property
@@ -341,8 +358,8 @@ def evaluate(
     quantize_seconds = None
     if setting.compiled:
         options = setting.backend_options(norms)
-        if setting.calibrated_quantization:
-            options["quantized_weights"] = _quantize_with_calibration(work, setting, calibration, context_length)
+        if setting.prequantized:
+            options["quantized_weights"] = _quantize_first(work, setting, calibration, context_length)
             quantize_seconds = time.perf_counter() - start
         LLMOptConfig.from_options(options)  # bad options fail here, before any compiling
         runner, weights = compile_with_llmopt(work, options)
@@ -364,18 +381,32 @@ def evaluate(
         "quantize_method": setting.quantize_method,
         "quantize_skip": list(setting.quantize_skip),
         "smoothquant": setting.smoothquant,
+        "resolved_method": _resolved_method(setting),
+        "kernels": dict(setting.kernels),
     }
 
 
-def _quantize_with_calibration(model, setting: Setting, calibration, context_length: int):
+def _resolved_method(setting: Setting) -> str | None:
+    """The rounding method the row's weights got (QuantConfig's default where none is named)."""
+    if not setting.quantize:
+        return None
+    from llmopt.quantization import QuantConfig
+
+    method = setting.quantize_method if setting.quantize in ("int4", "int8") else None
+    return QuantConfig(setting.quantize, method=method).resolved_method(setting.calibrated_quantization)
+
+
+def _quantize_first(model, setting: Setting, calibration, context_length: int):
     from llmopt.quantization import QuantConfig, quantize_weights, token_batches
 
-    if calibration is None:
+    calibrated = setting.calibrated_quantization
+    if calibrated and calibration is None:
         raise ValueError(f"{setting.label}: quantizing from calibration needs calibration tokens (a calibration text)")
-    method = setting.quantize_method if setting.quantize == "int4" else None
+    method = setting.quantize_method if setting.quantize in ("int4", "int8") else None
     config = QuantConfig(setting.quantize, group_size=setting.group_size or 128,
                          skip=tuple(setting.quantize_skip), method=method, tune_steps=setting.tune_steps)
-    return quantize_weights(model, config, calibration=token_batches(calibration, context_length))
+    batches = token_batches(calibration, context_length) if calibrated else None
+    return quantize_weights(model, config, calibration=batches)
 
 
 def _as_dtype(model: torch.nn.Module, dtype_name: str, copy: bool) -> torch.nn.Module:
@@ -392,12 +423,16 @@ TABLE_COLUMNS = ("setting", "perplexity", "tokens scored", "context/stride", "we
 
 
 def format_table(rows: list[Mapping[str, Any]]) -> str:
-    """A markdown table of :func:`evaluate` rows."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    """A markdown table of :func:`evaluate` rows (with a "vs fp32" column where rows have ``vs_fp32``)."""
+    relative = any("vs_fp32" in row for row in rows)
+    columns = TABLE_COLUMNS[:2] + (("vs fp32",) if relative else ()) + TABLE_COLUMNS[2:]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
+        versus = (f"{row['vs_fp32']:+.2%}" if "vs_fp32" in row else "-",) if relative else ()
         cells = (
             row["setting"],
             f"{row['perplexity']:.3f}",
+            *versus,
             str(row["tokens_scored"]),
             f"{row['context_length']}/{row['stride']}",
             f"{row['weight_bytes'] / 1e6:.1f}",

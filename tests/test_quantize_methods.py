@@ -160,7 +160,7 @@ def test_gptq_needs_a_hessian_and_8_bit_modes_only_round_to_nearest():
         quantize_weight(w, "int4", 64, method="gptq")
     with pytest.raises(llmopt.LLMOptConfigError, match="method 'gptq' is for int4"):
         QuantConfig("int8", method="gptq")
-    with pytest.raises(llmopt.LLMOptConfigError, match="valid choices are None, 'rtn', 'mse', 'gptq'"):
+    with pytest.raises(llmopt.LLMOptConfigError, match="valid choices are None, 'rtn', 'mse', 'hqq', 'gptq'"):
         QuantConfig("int4", method="awq")
 
 
@@ -224,7 +224,7 @@ def test_gptq_model_is_closer_to_float_than_rtn_and_survives_save_and_load(tmp_p
         return float((got - want).norm() / want.norm())
 
     gptq = quantize_weights(model, QuantConfig("int4", group_size=32), calibration=calibration)
-    rtn = quantize_weights(model, QuantConfig("int4", group_size=32))
+    rtn = quantize_weights(model, QuantConfig("int4", group_size=32, method="rtn"))
     assert rtn.method == "rtn"
     path = tmp_path / "gptq.safetensors"
     save_quantized(gptq, path)

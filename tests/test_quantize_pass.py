@@ -302,7 +302,7 @@ def test_saved_weights_of_another_mode_are_refused(tmp_path):
     model = random_llama(num_layers=1)
     path = tmp_path / "int8.safetensors"
     save_quantized(quantize_weights(model, QuantConfig("int8")), path)
-    with pytest.raises(Exception, match="holds int8 weights but the options ask for int4 g128"):
+    with pytest.raises(Exception, match="holds int8 weights but the options ask for int4 g32"):
         _run(model, _ids(), quantize="int4", quantized_weights=path)
 
 

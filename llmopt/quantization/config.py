@@ -15,8 +15,14 @@ from typing import Any, Optional
 from llmopt.errors import LLMOptConfigError
 
 MODES = ("int8", "int4", "fp8", "w8a8")
-METHODS = ("rtn", "mse", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
+METHODS = ("rtn", "mse", "hqq", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
+DEFAULT_DATA_FREE_METHOD = "hqq"  # int4 without calibration: what `quantize="int4"` does while compiling
+INT8_METHODS = ("rtn", "mse")
+DEFAULT_INT8_METHOD = "rtn"  # int8: max |w| per row, or the row's clipping range of least squared error
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
+# The default int4 group: data-free int4 at 64 or more loses far more quality
+# (docs/PERFORMANCE.md, Quality); 32 is also the native kernel's block.
+DEFAULT_GROUP_SIZE = 32
 REGEX_PREFIX = "re:"
 DEFAULT_TUNE_LR = 3e-4  # Adam's step size for the int4 grids (quantization/tune.py)
 
@@ -30,7 +36,7 @@ class QuantConfig:
             ``"int4"`` (weight-only, asymmetric, group-wise along the input
             features), ``"fp8"`` (e4m3 weights, per-channel scales) or
             ``"w8a8"`` (int8 weights and per-token int8 activations).
-        group_size: int4 group length along the input features (32, 64, 128, 256).
+        group_size: int4 group length along the input features (32 (default), 64, 128, 256).
         skip: layer-name patterns left in float. A glob matches the dotted
             module path (``"lm_head"``, ``"model.layers.0.*"``) or its tail
             (``"down_proj"`` matches every ``....mlp.down_proj``); a pattern
@@ -55,7 +61,7 @@ class QuantConfig:
     """
 
     mode: str
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     skip: tuple[str, ...] = field(default_factory=tuple)
     smoothquant_alpha: float = 0.5
     method: Optional[str] = None
@@ -82,16 +88,21 @@ class QuantConfig:
             raise LLMOptConfigError(f"tune_lr must be a positive finite number, got {lr!r}")
         if steps and self.mode != "int4":
             raise LLMOptConfigError(f"tune_steps tunes int4 grids; {self.mode} has none")
-        if self.method not in (None, "rtn") and self.mode != "int4":
+        if self.method not in (None, *INT8_METHODS) and self.mode == "int8":
+            raise LLMOptConfigError(f"quantization method {self.method!r} is for int4; int8 takes "
+                                    f"{', '.join(repr(m) for m in INT8_METHODS)}")
+        if self.method not in (None, "rtn") and self.mode not in ("int4", "int8"):
             raise LLMOptConfigError(f"quantization method {self.method!r} is for int4; {self.mode} rounds to nearest")
 
     def resolved_method(self, calibrated: bool) -> str:
         """The method used, given whether calibration batches are at hand."""
-        if self.mode != "int4":
+        if self.mode not in ("int4", "int8"):
             return "rtn"
         if self.method is not None:
             return self.method
-        return "gptq" if calibrated else "rtn"
+        if self.mode == "int8":
+            return DEFAULT_INT8_METHOD
+        return "gptq" if calibrated else DEFAULT_DATA_FREE_METHOD
 
     @classmethod
     def from_llmopt(cls, config: Any) -> "QuantConfig":

@@ -49,7 +49,7 @@ def quantize_weight(
     w = weight.detach().float()
     n, k = w.shape
     if mode == "int8":
-        tensors = _symmetric_int8(w)
+        tensors = _symmetric_int8(w, method)
     elif mode == "w8a8":
         tensors = _symmetric_int8(w if smooth is None else w * smooth.float()[None, :])
         if smooth is not None:
@@ -62,11 +62,31 @@ def quantize_weight(
     return QuantizedLinear(mode, k, n, tensors, group_size if mode == "int4" else None)
 
 
-def _symmetric_int8(w: Tensor) -> dict[str, Tensor]:
+# int8 "mse": the fractions of each row's max |w| tried as its clipping range.
+INT8_CLIP = tuple(1.0 - 0.02 * i for i in range(16))  # 1.0 down to 0.70
+
+
+def _symmetric_int8(w: Tensor, method: str = "rtn") -> dict[str, Tensor]:
     # 127, not 128: a symmetric range keeps -x and x equally precise.
-    scales = w.abs().amax(dim=1).clamp(min=_TINY) / 127.0
+    absmax = w.abs().amax(dim=1).clamp(min=_TINY)
+    scales = absmax / 127.0
+    if method == "mse":
+        # Per row, the clipping range of least squared error (the unclipped one is a
+        # candidate, so never worse than rounding to nearest on max |w|).
+        best = _int8_error(w, scales)
+        for fraction in INT8_CLIP[1:]:
+            candidate = absmax * fraction / 127.0
+            error = _int8_error(w, candidate)
+            better = error < best
+            best = torch.where(better, error, best)
+            scales = torch.where(better, candidate, scales)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return {"qweight": q, "scales": scales}
+
+
+def _int8_error(w: Tensor, scales: Tensor) -> Tensor:
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127)
+    return (q.mul_(scales[:, None]).sub_(w)).square_().sum(1)
 
 
 def _asymmetric_int4(w: Tensor, group_size: int, method: str, hessian: Optional[Tensor]) -> dict[str, Tensor]:
@@ -80,6 +100,8 @@ def _asymmetric_int4(w: Tensor, group_size: int, method: str, hessian: Optional[
     groups = padded.reshape(n, -1, group_size)
     if method == "rtn":
         scales, lows = int4.minmax_grid(groups)
+    elif method == "hqq":
+        scales, lows = int4.hqq_grid(groups, _importance(None, k, kp).reshape(-1, group_size))
     else:
         scales, lows = int4.search_grid(groups, _importance(hessian, k, kp).reshape(-1, group_size))
     if method == "gptq":
@@ -171,7 +193,8 @@ def quantize_weights(model: nn.Module, config: "QuantConfig | str", calibration:
             smooth = None
             if stats is not None and name in stats.absmax:
                 smooth = smoothing_factors(stats.absmax[name], module.weight, config.smoothquant_alpha)
-            layers[name] = quantize_weight(module.weight, config.mode, config.group_size, smooth)
+            layers[name] = quantize_weight(module.weight, config.mode, config.group_size, smooth,
+                                           method=method if config.mode == "int8" else "rtn")
     group_size = config.group_size if config.mode == "int4" else None
     return QuantizedWeights(config.mode, group_size, layers, method=method)
 
