@@ -135,7 +135,6 @@ DEFAULTS = (  # most telling first: a run cut short keeps them (the record is re
     quality.Setting(quantize="int8"),  # its default rounding, bf16 activations on CPU
     quality.Setting(quantize="int4", group_size=128, quantize_method="rtn"),  # the old default
     quality.Setting(quantize="int8", kernels=FP32_ACTIVATIONS),  # fp32 activations: what bf16 costs
-    quality.Setting(quantize="int8", quantize_method="mse"),  # the clipping search
     quality.Setting(quantize="int4", group_size=128, quantize_method="gptq"),  # calibrated, lm_head int4 too
     quality.Setting(quantize="int4", group_size=128, quantize_method="hqq"),
 )

@@ -1,7 +1,8 @@
 """Weight quantization of linear layers: configs, quantizers, calibration, storage.
 
-``torch.compile(model, backend="llmopt", options={"quantize": "int4", "group_size": 128})``
-quantizes while compiling (``passes/quantize_linear.py``). To quantize once and
+``torch.compile(model, backend="llmopt", options={"quantize": "int4"})``
+quantizes while compiling (``passes/quantize_linear.py``), without data: int4
+g32 grids from the ``"hqq"`` method (QuantConfig's data-free default). To quantize once and
 reuse the result at every start (with calibration text, int4 uses GPTQ)::
 
     batches = token_batches(tokenizer(text, return_tensors="pt").input_ids[0][:2048])
@@ -15,7 +16,7 @@ reuse the result at every start (with calibration text, int4 uses GPTQ)::
 ``QuantConfig(..., tune_steps=48)`` then also tunes the int4 grids against the
 float model (:mod:`llmopt.quantization.tune`; give it ~25k calibration tokens,
 each window seen once). (A layer missing from the saved weights and not skipped is quantized while
-compiling, by round-to-nearest: the compiler has no calibration data.)
+compiling, by the data-free default: the compiler has no calibration data.)
 
 ``apply_activation_scaling(model, batches, group_size=128)`` (AWQ-style
 equivalent scaling, :mod:`llmopt.quantization.awq`) rewrites the float model

@@ -43,13 +43,18 @@ class QuantConfig:
             starting with ``"re:"`` is a regular expression searched in the path.
         smoothquant_alpha: migration strength for w8a8 with calibration
             (0 keeps the activations' outliers, 1 moves them all to the weights).
-        method: how int4 weights are rounded: ``"rtn"`` (each group's
+        method: how weights are rounded. int4: ``"rtn"`` (each group's
             min..max grid, nearest level), ``"mse"`` (per-group grid of least
             squared error; weighted by the inputs' mean square with
-            calibration) or ``"gptq"`` (``"mse"`` grids, then GPTQ's error
+            calibration), ``"hqq"`` (the ``"mse"`` grid refined by
+            half-quadratic optimisation of an lp, p < 1, rounding error;
+            data-free) or ``"gptq"`` (``"mse"`` grids, then GPTQ's error
             compensation; needs calibration). None (default): ``"gptq"`` when
-            calibration batches are given, else ``"rtn"``. The 8-bit modes
-            only round to nearest (None or ``"rtn"``).
+            calibration batches are given, else ``"hqq"`` (what
+            ``quantize="int4"`` does while compiling). int8: ``"rtn"``
+            (default: each row's max ``|w|``) or ``"mse"`` (each row's
+            clipping range of least squared error). fp8 and w8a8 only round
+            to nearest (None or ``"rtn"``).
         sequential: GPTQ one group of layers at a time, each from the inputs
             that the layers already rounded make (``"true sequential"``;
             slower, slightly better on SmolLM2).

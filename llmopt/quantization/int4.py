@@ -1,7 +1,7 @@
 """Group-wise asymmetric int4: choosing each group's grid, and rounding onto it.
 
 A group of ``g`` weights along the input features gets a 16-level grid
-``low + q * scale`` (``q`` in 0..15). Three ways to get there:
+``low + q * scale`` (``q`` in 0..15). Four ways to get there:
 
 * ``"rtn"``: the grid spans the group's min..max and every weight rounds to
   its nearest level.
@@ -13,6 +13,11 @@ A group of ``g`` weights along the input features gets a 16-level grid
   calibration the importance of input feature ``j`` is ``E[x_j^2]``, the
   diagonal of the layer's input Hessian, so the error is measured where the
   layer's output feels it.
+* ``"hqq"`` (data-free; the default without calibration): the ``"mse"``
+  grid, then half-quadratic optimisation (HQQ, Badri & Shaji 2023) of an lp
+  (p < 1) rounding error: alternately the error's sparse part (weights the
+  grid gives up on) and the least-squares grid for the rest
+  (:func:`hqq_grid`).
 * ``"gptq"``: the ``"mse"`` grids, then GPTQ (Frantar et al., 2022) rounds the
   columns one at a time, largest ``E[x_j^2]`` first, and spreads each column's
   rounding error over the columns not rounded yet, through the inverse of
