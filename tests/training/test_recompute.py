@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmopt.training import TrainConfig, Trainer
+from llmopt.training.data import collate
 from llmopt.training.memory import saved_activation_bytes
 from llmopt.training.recompute import decoder_layers
 
@@ -38,8 +39,6 @@ def test_recompute_cuts_the_bytes_saved_for_backward():
     for mode in ("none", "selective", "full"):
         model = tiny(num_layers=4)
         trainer = Trainer(model, TrainConfig(compile=False, recompute=mode, shuffle=False), sequences(4, 60, 61))
-        from llmopt.training.data import collate
-
         saved[mode] = saved_activation_bytes(trainer, collate(trainer.train_rows[:4]))
     assert saved["full"] * 3 < saved["none"], saved
     assert saved["full"] < saved["selective"] < saved["none"], saved
@@ -89,3 +88,48 @@ def test_budget_partitioner_keeps_gradients_without_dropout_and_breaks_them_with
     assert torch.equal(with_dropout["lm_head.weight"], _compiled_grads(1.0, 0.3, bypass=True)["lm_head.weight"])
     broken = _compiled_grads(0.0, 0.3, bypass=True)
     assert max(float((broken[n] - g).abs().max()) for n, g in with_dropout.items()) > 1e-3
+
+
+def _directional(mode, compile_, trainer_class=Trainer):
+    """(g . v from the backward, the loss's central difference along v) with the same
+    dropout masks (the seed is reset before each forward), in fp64."""
+    torch._dynamo.reset()
+    model = tiny(torch.float64)
+    trainer = trainer_class(model, TrainConfig(compile=compile_, recompute=mode, attention_dropout=0.3,
+                                               compile_options={"lower": "eager"}), sequences(2, 12, 13))
+    batch = collate(trainer.train_rows)
+    trainer.train_model.train()
+
+    def loss():
+        torch.manual_seed(5)
+        summed, count = trainer.compute_loss(trainer.train_model, batch)
+        return summed / count
+
+    loss().backward()
+    generator = torch.Generator().manual_seed(0)
+    direction = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in model.named_parameters()}
+    along = sum(float((p.grad * direction[n]).sum()) for n, p in model.named_parameters())
+    eps, values = 1e-5, []
+    for sign in (1, -2):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(sign * eps * direction[n])
+        values.append(float(loss().detach()))
+    return along, (values[0] - values[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_eager_recompute_gradients_match_finite_differences_with_dropout(mode):
+    along, finite = _directional(mode, compile_=False)
+    assert along == pytest.approx(finite, rel=5e-3)
+
+
+def test_compiled_checkpoint_with_dropout_is_refused_because_its_gradients_are_wrong():
+    """Compiled around the checkpoints, the recompute redraws dropout: the gradient
+    disagrees with the finite difference (so the Trainer refuses the combination)."""
+    with pytest.raises(Exception, match="compile=True and dropout on"):
+        Trainer(tiny(), TrainConfig(recompute="full", attention_dropout=0.1), sequences(2))
+    along, finite = _directional("none", compile_=True)
+    assert along == pytest.approx(finite, rel=5e-3)
+    along, finite = _directional("full", compile_=True, trainer_class=_Bypass)
+    assert along != pytest.approx(finite, rel=5e-2)
