@@ -104,7 +104,7 @@ class ByteTokenizer:
 
 def run(args, load) -> int:
     """``load(name) -> (model, tokenizer)`` is the CLI's model loader."""
-    from llmopt.training import Trainer
+    from llmopt.training.trainer import Trainer
 
     config = config_from_args(args)
     if args.random_model:
