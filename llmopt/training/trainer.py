@@ -154,18 +154,20 @@ class Trainer:
 
     def _check_recompute(self, model) -> None:
         budget = self.config.recompute
-        if budget in ("full", "selective") and self.config.compile and self.has_random_ops(model):
-            # Compiled around the checkpoints, the recompute in the backward does not replay
-            # the forward's random numbers: tests/training/test_recompute.py shows the
-            # gradients then disagree with the loss's finite differences.
+        lower = dict(self.config.compile_options or {}).get("lower", "inductor")
+        if budget in ("full", "selective") and self.config.compile and lower != "inductor" \
+                and self.has_random_ops(model):
+            # Compiled around the checkpoints but not through AOTAutograd (lower="eager"), the
+            # recompute does not replay the forward's random numbers: tests/training/
+            # test_recompute.py shows the gradients then disagree with the finite differences
+            # (under Inductor they agree).
             raise LLMOptConfigError(
-                f"train option 'recompute'={budget!r} with compile=True and dropout on "
-                f"({', '.join(regularize.active_dropout(model)[:3]) or 'random ops'}) is refused: the compiled "
+                f"train option 'recompute'={budget!r} with compile=True, lower={lower!r} and dropout on "
+                f"({', '.join(regularize.active_dropout(model)[:3]) or 'random ops'}) is refused: that compiled "
                 f"checkpoint recomputes dropout with other random numbers, so the gradients would be wrong. "
-                f"Use compile=False (eager checkpoints keep dropout exact), recompute='none', or dropout 0")
+                f"Lower to 'inductor', use compile=False, recompute='none', or dropout 0")
         if isinstance(budget, str):
             return
-        lower = dict(self.config.compile_options or {}).get("lower", "inductor")
         if lower != "inductor":
             raise LLMOptConfigError(f"train option 'recompute' as a memory budget needs Inductor lowering (the "
                                     f"min-cut partitioner's budget), not compile_options lower={lower!r}")

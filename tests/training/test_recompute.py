@@ -90,13 +90,13 @@ def test_budget_partitioner_keeps_gradients_without_dropout_and_breaks_them_with
     assert max(float((broken[n] - g).abs().max()) for n, g in with_dropout.items()) > 1e-3
 
 
-def _directional(mode, compile_, trainer_class=Trainer):
+def _directional(mode, compile_, trainer_class=Trainer, lower="eager"):
     """(g . v from the backward, the loss's central difference along v) with the same
     dropout masks (the seed is reset before each forward), in fp64."""
     torch._dynamo.reset()
     model = tiny(torch.float64)
     trainer = trainer_class(model, TrainConfig(compile=compile_, recompute=mode, attention_dropout=0.3,
-                                               compile_options={"lower": "eager"}), sequences(2, 12, 13))
+                                               compile_options={"lower": lower}), sequences(2, 12, 13))
     batch = collate(trainer.train_rows)
     trainer.train_model.train()
 
@@ -124,12 +124,21 @@ def test_eager_recompute_gradients_match_finite_differences_with_dropout(mode):
     assert along == pytest.approx(finite, rel=5e-3)
 
 
-def test_compiled_checkpoint_with_dropout_is_refused_because_its_gradients_are_wrong():
-    """Compiled around the checkpoints, the recompute redraws dropout: the gradient
-    disagrees with the finite difference (so the Trainer refuses the combination)."""
-    with pytest.raises(Exception, match="compile=True and dropout on"):
-        Trainer(tiny(), TrainConfig(recompute="full", attention_dropout=0.1), sequences(2))
+def test_eager_lowered_checkpoint_with_dropout_is_refused_because_its_gradients_are_wrong():
+    """Compiled around the checkpoints with lower="eager" (no AOTAutograd), the recompute
+    redraws dropout: the gradient disagrees with the finite difference (so the Trainer
+    refuses the combination)."""
+    with pytest.raises(Exception, match="lower='eager' and dropout on"):
+        Trainer(tiny(), TrainConfig(recompute="full", attention_dropout=0.1, compile_options={"lower": "eager"}),
+                sequences(2))
     along, finite = _directional("none", compile_=True)
     assert along == pytest.approx(finite, rel=5e-3)
     along, finite = _directional("full", compile_=True, trainer_class=_Bypass)
     assert along != pytest.approx(finite, rel=5e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_inductor_recompute_gradients_match_finite_differences_with_dropout(mode):
+    along, finite = _directional(mode, compile_=True, lower="inductor")
+    assert along == pytest.approx(finite, rel=5e-3)
