@@ -322,8 +322,9 @@ class _Rewriter:
             if bias_node is not None:
                 out = self._call(node, "call_function", operator.add, out, bias_node)
         self._redirect(node, out, since)
-        self._record(site, f"row-parallel, columns {start}..{stop - 1} ({what}), then all-reduce", start, stop,
-                     dim=1)
+        how = "" if reduce_dtype(dtype, self.world.backend) == dtype else " in float32"
+        self._record(site, f"row-parallel, columns {start}..{stop - 1} ({what}), then all-reduce{how}", start,
+                     stop, dim=1)
 
     def lm_head(self, site: _Site) -> None:
         vocab = site.weight.shape[0]

@@ -18,7 +18,7 @@ from llmopt.config import LLMOptConfig
 from llmopt.errors import LLMOptConfigError
 from llmopt.models.random_models import random_llama
 
-from .launch import run_ranks
+from llmopt.parallel.launch import RankFailed, run_ranks
 from . import workers
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -27,6 +27,18 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 def _close(result):
     torch.testing.assert_close(result["got"], result["reference"], **TOL)
     assert torch.equal(result["got"].argmax(-1), result["reference"].argmax(-1))
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_failed_or_stuck_rank_leaves_no_process_behind(mode):
+    """The launcher's contract the other tests rely on: a rank's exception (with its traceback) or
+    the deadline fails the call, and every rank, including one blocked in a collective, is gone."""
+    import multiprocessing
+
+    expected = (RankFailed, "rank 1 fails on purpose") if mode == "raise" else (TimeoutError, "after 10 s")
+    with pytest.raises(expected[0], match=expected[1]):
+        run_ranks(workers.fail_or_hang, 2, mode, timeout=10 if mode == "hang" else 120)
+    assert multiprocessing.active_children() == []
 
 
 def test_option_group_is_validated():
@@ -61,6 +73,8 @@ SIZE_2 = [
      {"quantize": "int8", "kernels": {"quant_cpu_dtype": "float32"}}),
     # paging after sharding: the rank's cache holds its KV heads
     ("paged_against_one_process", {"heads": "gqa", "num_layers": 1}, {"size": 2}),
+    # bf16 on gloo: the partial sums are reduced in fp32
+    ("logits_against_one_process", {"heads": "gqa", "num_layers": 1, "dtype": torch.bfloat16}, {"size": 2}),
     # refusals, naming the head counts
     ("expect_error", {"hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 3, "num_layers": 1},
      {"size": 2}),
@@ -129,8 +143,24 @@ def test_paged_cache_holds_the_ranks_kv_heads(size_2):
 
 def test_head_counts_the_size_cannot_split_are_refused(size_2):
     for results in size_2:
-        assert "does not divide the 3 query heads of model.layers.0.self_attn" in results[5]
-        assert "tensor_parallel size 2 and the 3 KV heads of model.layers.0.self_attn (6 query heads)" in results[6]
+        assert "does not divide the 3 query heads of model.layers.0.self_attn" in results[6]
+        assert "tensor_parallel size 2 and the 3 KV heads of model.layers.0.self_attn (6 query heads)" in results[7]
+
+
+def test_bf16_partials_are_reduced_in_fp32_on_gloo(size_2):
+    """bf16 model: each all-reduce casts to fp32 and back. One process rounds every product sum in
+    bf16 once; the ranks round two half-sums and then their fp32 sum, so logits (of order 1-10) may
+    differ by a few bf16 ulps (2^-8 relative): atol 0.1, rtol 0.02, and the same argmax for nearly
+    all tokens."""
+    for results in size_2:
+        result = results[5]
+        assert result["got"].dtype == torch.bfloat16
+        rewrites = dict(result["rewrites"])
+        assert "then all-reduce in float32" in rewrites["model.layers.0.mlp.down_proj"]
+        assert "then all-reduce in float32" in rewrites["model.layers.0.self_attn.o_proj"]
+        torch.testing.assert_close(result["got"].float(), result["reference"].float(), atol=0.1, rtol=0.02)
+        agree = (result["got"].argmax(-1) == result["reference"].argmax(-1)).float().mean()
+        assert agree >= 0.9
 
 
 def test_mha_size_4_matches_one_process():
@@ -148,9 +178,18 @@ def test_smollm2_size_3_matches_one_process():
     """SmolLM2-135M: 9 query heads and 3 KV heads over 3 ranks (3q/1kv each); 30 layers, K up to
     1536: the same fp32 reordering bound gives about 1e-3 on logits of order 10-20."""
     results = run_ranks(workers.smollm2_against_one_process, 3, {"size": 3}, "The capital of France is",
-                        timeout=500)
+                        timeout=900)
     for result in results:
         assert "9q/3kv heads -> 3q/1kv per rank" in result["notes"][0]
         assert result["max_diff"] < 2e-3 and result["argmax_equal"], result["max_diff"]
         sizes = result["bytes"]
         assert sizes["sharded"] * 3 == sizes["sharded_full"]
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_collectives():
+    """lower="inductor": the functional all-reduce / all-gather go through AOTAutograd and Inductor."""
+    results = run_ranks(workers.cases, 2, [("logits_against_one_process", {"heads": "gqa", "num_layers": 1},
+                                            {"size": 2}, (2, 7), {"lower": "inductor"})], timeout=500)
+    for (case,) in results:
+        _close(case["value"])

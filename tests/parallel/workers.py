@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 import re
@@ -43,7 +44,9 @@ def _weight_bytes(report) -> dict:
 def logits_against_one_process(rank: int, size: int, model_kwargs: dict, tp, ids_shape=(2, 7), options=None):
     """Tensor-parallel logits and the same model's eager logits (one process), on this rank."""
     torch.manual_seed(0)
-    model = random_llama(**model_kwargs)
+    model_kwargs = dict(model_kwargs)
+    dtype = model_kwargs.pop("dtype", torch.float32)
+    model = random_llama(**model_kwargs).to(dtype)
     ids = torch.randint(0, model.config.vocab_size, ids_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(ids, use_cache=False).logits
@@ -128,3 +131,15 @@ def smollm2_against_one_process(rank: int, size: int, tp, prompt: str):
     return {"reference": reference[0, -4:], "got": got[0, -4:], "max_diff": (got - reference).abs().max().item(),
             "argmax_equal": bool(torch.equal(got.argmax(-1), reference.argmax(-1))),
             "bytes": _weight_bytes(report), "notes": _tp_notes(report)}
+
+
+def fail_or_hang(rank: int, size: int, mode: str):
+    """Rank 1 raises (mode "raise") or sleeps (mode "hang"); rank 0 waits in a collective meanwhile."""
+    import torch.distributed as dist
+
+    if rank == 1:
+        if mode == "raise":
+            raise ValueError("rank 1 fails on purpose")
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1))
+    return os.getpid()
