@@ -131,10 +131,10 @@ def settings(args) -> list[tuple[str, quality.Setting]]:
 FP32_ACTIVATIONS = (("quant_cpu_dtype", "float32"),)
 DEFAULTS = (  # most telling first: a run cut short keeps them (the record is rewritten after each row)
     quality.Setting(quantize="int4"),  # the data-free default (QuantConfig's method and group size)
-    quality.Setting(quantize="int4", quantize_method="mse", data_free=True),  # the clip search alone
     quality.Setting(quantize="int8"),  # its default rounding, bf16 activations on CPU
     quality.Setting(quantize="int4", group_size=128, quantize_method="rtn"),  # the old default
     quality.Setting(quantize="int8", kernels=FP32_ACTIVATIONS),  # fp32 activations: what bf16 costs
+    quality.Setting(quantize="int4", quantize_method="mse", data_free=True),  # the clip search alone
     quality.Setting(quantize="int4", group_size=128, quantize_method="gptq"),  # calibrated, lm_head int4 too
     quality.Setting(quantize="int4", group_size=128, quantize_method="hqq"),
 )
@@ -243,6 +243,19 @@ def _evaluate_awq(model, tokens, args, calibration, tune_calibration, row: AwqRo
     return result
 
 
+def _quantize_timings(model) -> dict:
+    """Seconds to quantize every linear layer of the model (lm_head included), data-free, per method."""
+    from llmopt.quantization import QuantConfig, quantize_weights
+
+    timings = {}
+    for method in ("hqq", "mse", "rtn"):
+        start = time.perf_counter()
+        quantize_weights(model, QuantConfig("int4", method=method))
+        timings[f"int4 g32 {method}"] = time.perf_counter() - start
+        print(f"   quantize int4 g32 {method}: {timings[f'int4 g32 {method}']:.1f} s", file=sys.stderr, flush=True)
+    return timings
+
+
 def _accepted(mode: str) -> bool:
     try:
         LLMOptConfig.from_options({"quantize": mode})
@@ -317,10 +330,12 @@ def main(argv=None) -> int:
             "method": "sliding windows, each token scored once; lower='eager'; seconds include compiling "
                       "and quantizing from calibration (quantize_seconds); weight_bytes: the tensors the "
                       "compiled graphs read (tied embedding and lm_head once)",
+            "quantize_seconds_whole_model": quantize_timings,
             "runtime_s": time.perf_counter() - started,
             "rows": rows,
         }
 
+    quantize_timings: dict = {}
     for family, setting in jobs:
         label = _tuned_label(setting) if isinstance(setting, int) else setting.label  # AwqRow has one too
         print(f"== {label}", file=sys.stderr, flush=True)
@@ -350,6 +365,8 @@ def main(argv=None) -> int:
         print(f"   perplexity {row['perplexity']:.3f}"
               + (f" ({row['vs_fp32']:+.2%} vs fp32)" if "vs_fp32" in row else "")
               + f" ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    if args.only and "defaults" in args.only:  # last: the rows matter more
+        quantize_timings.update(_quantize_timings(model))
     runtime = time.perf_counter() - started
     out.write_text(json.dumps(record(True), indent=2))
     good = [r for r in rows if "error" not in r]

@@ -145,8 +145,10 @@ def test_default_cpu_kernels_run_fp32_models_in_bf16(mode):
     with torch.no_grad():
         want = _dequantized_copy(model, weights)(ids).logits
     # Activations rounded to bf16 before each of 15 linears (2^-9 relative each) and
-    # bf16 kernel outputs: a few 1e-3 on O(3) logits; an indexing or scale bug is O(1).
-    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    # bf16 kernel outputs: a few 1e-3 on O(3) logits; int4's native kernel rounds them
+    # to int8 per block of 32 (up to max|x|/254), a few elements reach 0.07; an indexing
+    # or scale bug is O(1).
+    torch.testing.assert_close(got, want, atol=1e-1 if mode == "int4" else 5e-2, rtol=2e-2)
     assert (got - want).abs().max() > 1e-6  # it did take the bf16 path
 
 
