@@ -56,6 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import llmopt.kernels.attention  # noqa: F401  (registers llmopt::attention)
 from llmopt.errors import LLMOptConfigError
 from llmopt.parallel.collectives import World, reduce_dtype, world
+from llmopt.passes.eliminate_dead_code import _has_side_effects as has_side_effects
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
 from llmopt.passes.graph_utils import copy_location_meta, fake_value, get_constant, install_constant, is_op, \
     known_equal, module_path
@@ -419,6 +420,9 @@ class _Rewriter:
     def finish(self) -> None:
         if not self.touched:
             return
+        # fuse_attention leaves the KV repeats dead (removed by the last pass); their constant head
+        # counts would not take the shard, so they go now
+        self.graph.eliminate_dead_code(is_impure_node=has_side_effects)
         self._repropagate()
         for i, (value, before) in enumerate(zip(_outputs(self.graph), self.outputs_before)):
             if isinstance(value, Node) and not _same(before, fake_value(value)):

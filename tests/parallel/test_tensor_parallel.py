@@ -71,8 +71,10 @@ SIZE_2 = [
      {"quantize": "int8", "kernels": {"quant_cpu_dtype": "float32"}}),
     ("logits_against_one_process", {"heads": "gqa", "num_layers": 1}, None, (2, 7),
      {"quantize": "int8", "kernels": {"quant_cpu_dtype": "float32"}}),
-    # paging after sharding: the rank's cache holds its KV heads
-    ("paged_against_one_process", {"heads": "gqa", "num_layers": 1}, {"size": 2}),
+    # paging after sharding: the rank's cache holds its KV heads (8q/4kv: 2 KV heads a rank, so the
+    # dead KV repeat fuse_attention leaves, expand(.., 4, 2, ..), must not be re-shaped)
+    ("paged_against_one_process", {"heads": "gqa", "num_layers": 1, "hidden_size": 128, "num_attention_heads": 8,
+                                   "num_key_value_heads": 4}, {"size": 2}),
     # bf16 on gloo: the partial sums are reduced in fp32
     ("logits_against_one_process", {"heads": "gqa", "num_layers": 1, "dtype": torch.bfloat16}, {"size": 2}),
     # refusals, naming the head counts
@@ -137,7 +139,7 @@ def test_int8_quantizes_each_shard(size_2):
 def test_paged_cache_holds_the_ranks_kv_heads(size_2):
     for results in size_2:
         result = results[4]
-        assert result["paged_sites"] == 1 and result["cache_kv_heads"] == [1]  # 2 KV heads, 2 ranks
+        assert result["paged_sites"] == 1 and result["cache_kv_heads"] == [2]  # 4 KV heads, 2 ranks
         _close(result)
 
 
