@@ -25,6 +25,7 @@ throughput against concurrency (plotted when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
 
     load_start = os.getloadavg()
     llm = LLM(args.model, dtype=args.dtype, lower=args.lower, kv_cache_memory_gib=args.kv_cache_gib,
-              max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
+              speculative_config=args.speculative_config)
     engine = llm.engine
     print(f"engine ready: warm-up/compile {engine.warmup_seconds:.1f} s, {engine.num_total_blocks} KV blocks",
           file=sys.stderr)
@@ -255,6 +257,7 @@ def main(argv=None) -> int:
                    "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
                    "text": str(args.text), "lower": args.lower, "block_size": engine.config.block_size,
                    "max_num_batched_tokens": args.max_num_batched_tokens,
+                   "speculative_config": args.speculative_config,
                    "warmup_s": engine.warmup_seconds},
         "results": [asdict(r) for r in sweep + hf_results],
         "kv_memory": {"llmopt_peak_bytes": main_run.kv_peak_bytes, "contiguous_max_len_bytes": contiguous,
@@ -286,12 +289,14 @@ def parse_args(argv):
     p.add_argument("--output-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", default=str(TEXT), help="text the prompts are cut from")
-    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[8, 64])
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64],
                    help="engine max_num_seqs values to sweep (the largest is the main run)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                   help='the engine\'s speculative_config, e.g. \'{"method": "ngram"}\' (default off)')
     p.add_argument("--out", help="JSON path (default bench/results/serve-<host>-<time>.json)")
     args = p.parse_args(argv)
     for lo, hi, name in ((*args.input_len, "input"), (*args.output_len, "output")):
