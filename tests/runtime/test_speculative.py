@@ -176,10 +176,27 @@ def test_verification_rules_closed_form():
     assert verify_sampled(p, [1], q, torch.Generator().manual_seed(0)) == [1, 0]
 
 
+def test_adaptive_k_follows_acceptance_and_switches_off():
+    from llmopt.runtime.speculative.adaptive import AdaptiveK
+
+    adaptive = AdaptiveK(4, window=2, cooldown=3)
+    assert adaptive.k("a") == 4
+    adaptive.observe("a", 4, 1)  # a rejection: kept + 1
+    assert adaptive.k("a") == 2
+    adaptive.observe("a", 2, 2)  # all kept: one more
+    assert adaptive.k("a") == 3
+    adaptive.observe("a", 3, 0)
+    adaptive.observe("a", 1, 0)  # two verifications in a row kept nothing: off
+    assert [adaptive.k("a") for _ in range(4)] == [0, 0, 0, 1]
+    assert AdaptiveK(4, enabled=False).k("b") == 4
+
+
 # ---- the emitted distribution equals the target's -------------------------------
 
 VOCAB, TEMPERATURE, NUM_SAMPLES, MAX_TOKENS = 8, 0.8, 20_000, 4
-PROMPT = [1, 2, 3, 1, 2, 3, 1]
+# 17 tokens: the first block (16) is computed once and then found in the prefix cache,
+# so every later prefill computes one token.
+PROMPT = [1, 2, 3] * 5 + [1, 2]
 # Seeds are fixed, so the test is deterministic; the threshold is what a
 # correct implementation would fail by chance (0.1% per statistic under the
 # null), while the broken variants this guards against (bonus from q, no

@@ -63,6 +63,8 @@ class Speculator:
 
     def propose(self, scheduler, requests: dict, max_model_len: int) -> None:
         running = scheduler.running
+        for seq in running:
+            seq.draft_token_ids = []  # left over from a step that did not schedule them
         limit = self.config.disable_by_batch_size
         if not running or (limit is not None and len(running) >= limit):
             return
