@@ -28,6 +28,7 @@ _RUNTIME_NAMES = {
     "RequestOutput": "llmopt.runtime.outputs",
     "CompletionOutput": "llmopt.runtime.outputs",
     "EngineConfig": "llmopt.runtime.engine_config",
+    "SpeculativeConfig": "llmopt.runtime.speculative.config",
 }
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "EngineConfig",
     "RequestOutput",
     "SamplingParams",
+    "SpeculativeConfig",
     "LLMOptConfig",
     "OnnxExportError",
     "QuantConfig",
