@@ -415,7 +415,8 @@ def test_triton_quantized_linear_on_cpu_without_interpreter_is_skipped_with_the_
     ("int8", {}, dict(atol=5e-2, rtol=2e-2)),
     ("int4", EXACT, EAGER_TOL),
     ("int4", {"int4_cpu_kernel": "torch"}, dict(atol=5e-2, rtol=2e-2)),
-    ("int4", {}, dict(atol=5e-2, rtol=2e-2)),
+    # The native kernel's int8 activations (per block of 32): a few elements reach 0.07.
+    ("int4", {}, dict(atol=1e-1, rtol=2e-2)),
     ("int4", {"native": False, "quant_cpu_dtype": "float32"}, EAGER_TOL),
 ])
 def test_each_kernel_choice_matches_the_dequantized_model(mode, kernels, tol):
