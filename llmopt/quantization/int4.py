@@ -304,6 +304,7 @@ HQQ_P = 0.7
 HQQ_BETA = 10.0
 HQQ_KAPPA = 1.01
 HQQ_ITERS = 20
+HQQ_TOLERANCE = 1e-4  # stop once an iteration lowers the summed error by less than this fraction
 
 
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
@@ -361,9 +362,12 @@ def hqq_grid(groups: Tensor, mask: Optional[Tensor] = None, iters: int = HQQ_ITE
         s, l = exact_grid(scales, lows)
         error = abs_error(s, l)
         better = error < best_error
+        before = best_error.sum()
         best_error = torch.where(better, error, best_error)
         best_scales = torch.where(better, s, best_scales)
         best_lows = torch.where(better, l, best_lows)
+        if before - best_error.sum() <= HQQ_TOLERANCE * before:  # converged: the rest is time
+            break
     return best_scales, best_lows
 
 
