@@ -356,9 +356,13 @@ class Trainer:
     @property
     def eval_model(self):
         # DDP's forward would sync buffers and expect a backward; evaluation needs neither
-        return self.train_model if self.world_size == 1 else (
-            torch.compile(self.model, backend="llmopt", options=dict(self.config.compile_options or {}))
-            if self.config.compile else self.model)
+        if self.world_size == 1:
+            return self.train_model
+        if getattr(self, "_eval_model", None) is None:
+            self._eval_model = (torch.compile(self.model, backend="llmopt",
+                                              options=dict(self.config.compile_options or {}))
+                                if self.config.compile else self.model)
+        return self._eval_model
 
     def _evaluate_and_track(self, log) -> bool:
         """Evaluate, keep the best, and say whether to stop early."""
