@@ -91,3 +91,21 @@ def test_tiny_kv_pool_preempts_and_stays_identical(smollm2, plain_prompts):
     outputs = tiny.generate(prompts, GREEDY)
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
     assert [o.token_ids for o in outputs] == expected
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "ngram", "num_speculative_tokens": 4},
+    {"method": "layer_skip", "num_layers": 20, "num_speculative_tokens": 3},
+], ids=["ngram", "layer_skip"])
+def test_speculative_decoding_matches_hf_generate(smollm2, plain_prompts, spec):
+    """Lossless: with drafts verified in the packed forward, still HF's greedy tokens.
+
+    Eight prompts so speculation stays on (its default batch cut-off is 8 sequences).
+    """
+    prompts, expected = plain_prompts
+    llm = LLM(smollm2.model, smollm2.tokenizer, lower="eager", kv_cache_memory_gib=0.25,
+              speculative_config={**spec, "disable_by_batch_size": None})
+    outputs = llm.generate(prompts[:8], GREEDY)
+    assert [o.token_ids for o in outputs] == expected[:8]
+    assert llm.engine.speculator.stats.num_drafted > 0
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
