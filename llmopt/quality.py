@@ -403,8 +403,9 @@ def _quantize_first(model, setting: Setting, calibration, context_length: int):
     if calibrated and calibration is None:
         raise ValueError(f"{setting.label}: quantizing from calibration needs calibration tokens (a calibration text)")
     method = setting.quantize_method if setting.quantize in ("int4", "int8") else None
-    config = QuantConfig(setting.quantize, group_size=setting.group_size or 128,
-                         skip=tuple(setting.quantize_skip), method=method, tune_steps=setting.tune_steps)
+    sizes = {"group_size": setting.group_size} if setting.group_size else {}  # else QuantConfig's default
+    config = QuantConfig(setting.quantize, skip=tuple(setting.quantize_skip), method=method,
+                         tune_steps=setting.tune_steps, **sizes)
     batches = token_batches(calibration, context_length) if calibrated else None
     return quantize_weights(model, config, calibration=batches)
 
