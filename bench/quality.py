@@ -121,7 +121,8 @@ def settings(args) -> list[tuple[str, quality.Setting]]:
         rows += [("quantize", s) for s in _quantize_settings(mode)]
     rows += [("int8", s) for s in INT8_ROWS] + [("int4free", s) for s in _data_free_int4()]
     rows += [("gptq", s) for s in GPTQ_ROWS]
-    opt_in = {"awq", "int8", "int4free", "gptq"}
+    rows += [("head", s) for s in HEAD_ROWS]
+    opt_in = {"awq", "int8", "int4free", "gptq", "head"}
     return [(family, s) for family, s in rows
             if family == "fp32" or (family in args.only if args.only else family not in opt_in)]
 
@@ -138,6 +139,11 @@ DEFAULTS = (  # most telling first: a run cut short keeps them (the record is re
     quality.Setting(quantize="int4", group_size=128, quantize_method="gptq"),  # calibrated, lm_head int4 too
     quality.Setting(quantize="int4", group_size=128, quantize_method="hqq"),
 )
+# The defaults with the tied lm_head kept in float: what quantizing it costs.
+HEAD_ROWS = (quality.Setting(quantize="int4", group_size=32, quantize_method="rtn"),
+             quality.Setting(quantize="int4", group_size=32, quantize_method="mse", data_free=True),
+             quality.Setting(quantize="int4", quantize_skip=("lm_head",)),
+             quality.Setting(quantize="int8", quantize_skip=("lm_head",)))
 INT8_ROWS = tuple(quality.Setting(quantize="int8", quantize_method=m, quantize_skip=skip, kernels=k)
                   for m in ("rtn", "mse") for skip in ((), ("lm_head",)) for k in ((), FP32_ACTIVATIONS))
 
@@ -365,7 +371,7 @@ def main(argv=None) -> int:
         print(f"   perplexity {row['perplexity']:.3f}"
               + (f" ({row['vs_fp32']:+.2%} vs fp32)" if "vs_fp32" in row else "")
               + f" ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    if args.only and "defaults" in args.only:  # last: the rows matter more
+    if args.only and {"defaults", "head"} & set(args.only):  # last: the rows matter more
         quantize_timings.update(_quantize_timings(model))
     runtime = time.perf_counter() - started
     out.write_text(json.dumps(record(True), indent=2))

@@ -132,17 +132,17 @@ def test_int8_mse_picks_each_rows_best_clip_and_never_loses_to_max():
 
 
 def test_defaults_without_calibration_are_the_documented_methods():
-    assert QuantConfig("int4").resolved_method(calibrated=False) == DEFAULT_DATA_FREE_METHOD == "hqq"
+    assert QuantConfig("int4").resolved_method(calibrated=False) == DEFAULT_DATA_FREE_METHOD == "rtn"
     assert QuantConfig("int4").resolved_method(calibrated=True) == "gptq"
     assert QuantConfig("int8").resolved_method(calibrated=False) == DEFAULT_INT8_METHOD
-    assert QuantConfig("int4", method="rtn").resolved_method(calibrated=False) == "rtn"
+    assert QuantConfig("int4", method="hqq").resolved_method(calibrated=False) == "hqq"
 
 
 def test_compiling_with_quantize_int4_installs_the_default_method():
     model = random_llama(heads="gqa", num_layers=1)
     ids = torch.randint(0, 256, (1, 12), generator=_generator(6))
     want = quantize_weights(model, QuantConfig("int4", group_size=32, method=DEFAULT_DATA_FREE_METHOD))
-    rtn = quantize_weights(model, QuantConfig("int4", group_size=32, method="rtn"))
+    other = quantize_weights(model, QuantConfig("int4", group_size=32, method="hqq"))
     swapped = {f"{name}.weight": layer.dequantize() for name, layer in want.layers.items()}
     with torch.no_grad():
         reference = torch.func.functional_call(model, swapped, (ids,), tie_weights=False).logits
@@ -152,7 +152,7 @@ def test_compiling_with_quantize_int4_installs_the_default_method():
             "kernels": {"quant_cpu_dtype": "float32"}})
         got = compiled(ids).logits
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
-    assert any(not torch.equal(want.layers[n].tensors["scales_zeros"], rtn.layers[n].tensors["scales_zeros"])
+    assert any(not torch.equal(want.layers[n].tensors["scales_zeros"], other.layers[n].tensors["scales_zeros"])
                for n in want.layers)
 
 

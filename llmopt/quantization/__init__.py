@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="llmopt", options={"quantize": "int4"})``
 quantizes while compiling (``passes/quantize_linear.py``), without data: int4
-g32 grids from the ``"hqq"`` method (QuantConfig's data-free default). To quantize once and
+g32 min..max grids, round to nearest (QuantConfig's data-free default). To quantize once and
 reuse the result at every start (with calibration text, int4 uses GPTQ)::
 
     batches = token_batches(tokenizer(text, return_tensors="pt").input_ids[0][:2048])

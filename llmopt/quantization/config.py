@@ -16,7 +16,9 @@ from llmopt.errors import LLMOptConfigError
 
 MODES = ("int8", "int4", "fp8", "w8a8")
 METHODS = ("rtn", "mse", "hqq", "gptq")  # how int4 grids are chosen and weights rounded (quantization/int4.py)
-DEFAULT_DATA_FREE_METHOD = "hqq"  # int4 without calibration: what `quantize="int4"` does while compiling
+# int4 without calibration: what `quantize="int4"` does while compiling. Round to nearest:
+# "hqq" and its lp objective did worse on a held-out play (docs/PERFORMANCE.md, Quality).
+DEFAULT_DATA_FREE_METHOD = "rtn"
 INT8_METHODS = ("rtn", "mse")
 DEFAULT_INT8_METHOD = "rtn"  # int8: max |w| per row, or the row's clipping range of least squared error
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts; the Triton kernel too
@@ -50,7 +52,7 @@ class QuantConfig:
             half-quadratic optimisation of an lp, p < 1, rounding error;
             data-free) or ``"gptq"`` (``"mse"`` grids, then GPTQ's error
             compensation; needs calibration). None (default): ``"gptq"`` when
-            calibration batches are given, else ``"hqq"`` (what
+            calibration batches are given, else ``"rtn"`` (what
             ``quantize="int4"`` does while compiling). int8: ``"rtn"``
             (default: each row's max ``|w|``) or ``"mse"`` (each row's
             clipping range of least squared error). fp8 and w8a8 only round

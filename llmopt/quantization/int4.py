@@ -13,7 +13,8 @@ A group of ``g`` weights along the input features gets a 16-level grid
   calibration the importance of input feature ``j`` is ``E[x_j^2]``, the
   diagonal of the layer's input Hessian, so the error is measured where the
   layer's output feels it.
-* ``"hqq"`` (data-free; the default without calibration): the ``"mse"``
+* ``"hqq"`` (data-free; not the default: worse than ``"rtn"`` on a held-out
+  play, docs/PERFORMANCE.md): the ``"mse"``
   grid, then half-quadratic optimisation (HQQ, Badri & Shaji 2023) of an lp
   (p < 1) rounding error: alternately the error's sparse part (weights the
   grid gives up on) and the least-squares grid for the rest
