@@ -105,7 +105,8 @@ def run_llama_cpp(prompts, max_tokens, k=None):
     threads = torch.get_num_threads()
     draft = LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None
     llm = llama_cpp.Llama(model_path=str(gguf_path()), n_ctx=2048, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, draft_model=draft, verbose=False)
+                          n_threads_batch=threads, draft_model=draft, verbose=False,
+                          logits_all=draft is not None)  # speculative verification reads every row's logits
     tokens, rates = [], []
     for p in prompts:
         llm.reset()
