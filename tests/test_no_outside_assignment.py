@@ -38,15 +38,7 @@ def _llmopt_modules() -> set[str]:
 MODULES = _llmopt_modules()
 
 # (file relative to the repository, module, attribute) that may stay, each with its reason.
-ALLOWED: dict[tuple[str, str, str], str] = {
-    # Both files belonged to another change in progress when this check landed; each has its
-    # replacement ready and the entry goes when the file takes it.
-    ("tests/test_quality.py", "llmopt.models", "load"):
-        "stubs the CLI's loader with the session's SmolLM2; replacement: let `llmopt eval` load "
-        "'smollm2' itself (tests/test_cli.py does) or pass --model DIR from tests/tiny_hf.py",
-    ("tests/test_quantize_pass.py", "llmopt.quantization.quantize", "quantize_weight"):
-        "a spy counting re-quantizations when saved weights are installed; replacement: an "
-        "observable the quantization module exposes (as triton_quant.launch_count())",
+ALLOWED: dict[tuple[str, str, str], str] = {  # nothing may stay today
 }
 
 

@@ -254,18 +254,17 @@ def test_tied_embedding_keeps_its_float_weight():
 
 
 class _CountQuantize:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = quantize_module.quantize_weight
+    """Weights quantized since this was made (quantize_module.quantize_count())."""
 
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
+    def __init__(self):
+        self.start = quantize_module.quantize_count()
 
-        monkeypatch.setattr(quantize_module, "quantize_weight", counting)
+    @property
+    def calls(self) -> int:
+        return quantize_module.quantize_count() - self.start
 
 
-def test_saved_weights_load_identically_without_requantizing(tmp_path, monkeypatch):
+def test_saved_weights_load_identically_without_requantizing(tmp_path):
     model, ids = random_llama(heads="gqa", num_layers=2), _ids()
     config = QuantConfig("int4", group_size=32, skip=("lm_head",))
     weights = quantize_weights(model, config)
@@ -281,16 +280,16 @@ def test_saved_weights_load_identically_without_requantizing(tmp_path, monkeypat
     options = dict(quantize="int4", group_size=32, quantize_skip=("lm_head",))
     want = _run(model, ids, **options)
     torch._dynamo.reset()
-    counter = _CountQuantize(monkeypatch)
+    counter = _CountQuantize()
     got = _run(model, ids, **options, quantized_weights=str(path))
     assert counter.calls == 0
     assert torch.equal(got, want)
     assert all(r.detail.endswith("saved") for r in _rewrites(llmopt.last_report()))
 
 
-def test_recompiled_graphs_share_one_quantized_copy(monkeypatch):
+def test_recompiled_graphs_share_one_quantized_copy():
     model = random_llama(heads="gqa", num_layers=1)
-    counter = _CountQuantize(monkeypatch)
+    counter = _CountQuantize()
     compiled = torch.compile(model, backend="llmopt", dynamic=False,
                              options={"lower": "eager", "quantize": "int8"})
     with torch.no_grad():
@@ -340,7 +339,7 @@ def test_smollm2_int8_is_close_to_float(smol):
     assert any("513.0 MiB float -> 129.0 MiB" in n for n in notes), notes
 
 
-def test_smollm2_int4_from_saved_weights(smol, tmp_path, monkeypatch):
+def test_smollm2_int4_from_saved_weights(smol, tmp_path):
     """Quantize once, save, load in a fresh compile: nothing is re-quantized.
 
     (That a loaded compile gives outputs identical to quantizing while compiling is
@@ -355,7 +354,7 @@ def test_smollm2_int4_from_saved_weights(smol, tmp_path, monkeypatch):
     for name, layer in weights.layers.items():
         assert all(torch.equal(loaded.layers[name].tensors[k], t) for k, t in layer.tensors.items()), name
 
-    counter = _CountQuantize(monkeypatch)
+    counter = _CountQuantize()
     got = _run(model, ids, quantize="int4", group_size=128, quantized_weights=path)
     assert counter.calls == 0
     assert len(_rewrites(llmopt.last_report())) == 211

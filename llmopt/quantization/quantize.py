@@ -28,6 +28,17 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 _TINY = 1e-12  # all-zero rows / groups get a tiny scale instead of dividing by zero
 
 
+# How many weights quantize_weight has quantized in this process, read through
+# quantize_count() (tests check that saved or shared weights are not quantized again);
+# only this module writes it.
+_QUANTIZED = [0]
+
+
+def quantize_count() -> int:
+    """The number of weights :func:`quantize_weight` quantized so far in this process."""
+    return _QUANTIZED[0]
+
+
 def quantize_weight(
     weight: Tensor,
     mode: str,
@@ -44,6 +55,7 @@ def quantize_weight(
     :mod:`llmopt.quantization.int4`.
     """
     QuantConfig(mode=mode, group_size=group_size, method=method)  # validates all three
+    _QUANTIZED[0] += 1
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_weight: expected a 2-D floating weight, got {tuple(weight.shape)} {weight.dtype}")
     w = weight.detach().float()
