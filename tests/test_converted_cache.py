@@ -25,6 +25,7 @@ def test_the_key_follows_the_file_and_the_location(tmp_path, monkeypatch):
     assert converted_cache.cache_root() == tmp_path / "xdg" / "llmopt" / "converted"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_the_cached_copy_equals_the_gguf(tmp_path, monkeypatch):
     """Reference: transformers' own GGUF load (cache=False). The copy must give the same

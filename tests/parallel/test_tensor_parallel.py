@@ -175,6 +175,7 @@ def test_mha_size_4_matches_one_process():
         assert result["bytes"]["sharded"] * 4 == result["bytes"]["sharded_full"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_smollm2_size_3_matches_one_process():
     """SmolLM2-135M: 9 query heads and 3 KV heads over 3 ranks (3q/1kv each); 30 layers, K up to
@@ -188,6 +189,7 @@ def test_smollm2_size_3_matches_one_process():
         assert sizes["sharded"] * 3 == sizes["sharded_full"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_inductor_compiles_the_collectives():
     """lower="inductor": the functional all-reduce / all-gather go through AOTAutograd and Inductor."""

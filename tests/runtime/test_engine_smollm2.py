@@ -93,6 +93,7 @@ def test_tiny_kv_pool_preempts_and_stays_identical(smollm2, plain_prompts):
     assert [o.token_ids for o in outputs] == expected
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("spec", [
     {"method": "ngram", "num_speculative_tokens": 4},
     {"method": "layer_skip", "num_layers": 20, "num_speculative_tokens": 3},

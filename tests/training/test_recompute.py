@@ -75,6 +75,7 @@ def test_budget_with_dropout_is_refused():
         Trainer(tiny(), TrainConfig(recompute=0.5, compile_options={"lower": "eager"}), sequences(2))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_budget_partitioner_keeps_gradients_without_dropout_and_breaks_them_with_it():
     """Without dropout a budget of 0 (recompute all it can) gives the gradients of the
@@ -137,6 +138,7 @@ def test_eager_lowered_checkpoint_with_dropout_is_refused_because_its_gradients_
     assert along != pytest.approx(finite, rel=5e-2)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_inductor_recompute_gradients_match_finite_differences_with_dropout(mode):
