@@ -211,28 +211,26 @@ class BlockManager:
         """
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > keep:
-            block_id = seq.block_table.pop()
-            self._ref_count[block_id] -= 1
-            if self._ref_count[block_id] == 0:
-                if self._block_hash[block_id] is None:
-                    self._free_plain.append(block_id)
-                else:
-                    self._free_cached[block_id] = None
+            self._release(seq.block_table.pop())
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq``; ``num_computed_tokens`` is left to the caller."""
         # Reverse order: a sequence's tail blocks are the least likely to be
         # shared, so they join the LRU list first and are evicted first.
         for block_id in reversed(seq.block_table):
-            self._ref_count[block_id] -= 1
-            if self._ref_count[block_id] == 0:
-                if self._block_hash[block_id] is None:
-                    self._free_plain.append(block_id)
-                else:
-                    self._free_cached[block_id] = None
+            self._release(block_id)
         seq.block_table.clear()
         self._holders.pop(seq.request_id, None)
         self._num_registered.pop(seq.request_id, None)
+
+    def _release(self, block_id: int) -> None:
+        """Drop one reference; an unreferenced block joins the plain free list, or the LRU if cached."""
+        self._ref_count[block_id] -= 1
+        if self._ref_count[block_id] == 0:
+            if self._block_hash[block_id] is None:
+                self._free_plain.append(block_id)
+            else:
+                self._free_cached[block_id] = None
 
     def reset_prefix_cache(self) -> None:
         """Forget every registered block that no sequence holds (for benchmarks)."""
