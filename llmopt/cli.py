@@ -106,9 +106,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_speculative_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=("int8", "int4", "fp8", "w8a8"),
+                        help="quantize the served model's linear layers (the compiler's quantize option)")
     parser.add_argument("--speculative-config", type=_json_object, metavar="JSON",
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              "(methods: ngram, draft_model, layer_skip; see the README)")
+
+
+def _compile_options(args) -> dict:
+    return {"quantize": args.quantize} if args.quantize else {}
 
 
 def _json_object(text: str) -> dict:
@@ -142,7 +148,7 @@ def _generate(args) -> int:
 
     try:
         llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5,
-                  speculative_config=args.speculative_config)
+                  compile_options=_compile_options(args), speculative_config=args.speculative_config)
     except LLMOptConfigError as error:
         raise UsageError(str(error)) from None
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, seed=args.seed,
@@ -203,6 +209,7 @@ def _serve(args) -> int:
 
     options = {"model": args.model, "lower": args.lower, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib,
+               "compile_options": _compile_options(args) or None,
                "speculative_config": args.speculative_config}
     _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
     try:

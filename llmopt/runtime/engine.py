@@ -49,7 +49,7 @@ class LLMEngine:
         self.model_name = model_name
         self.device = config.resolved_device()
         self.runner = ModelRunner(model, RunnerOptions(self.device, config.block_size, config.lower,
-                                                           config.kernels))
+                                                       config.kernels, config.compile_options))
         start = time.perf_counter()
         self.layer_specs = self.runner.profile()
         self.warmup_seconds = time.perf_counter() - start

@@ -35,6 +35,10 @@ class EngineConfig:
         kernels: the compiler's ``kernels`` option group (a dict or
             ``KernelOptions``): which implementation each op of the served
             graph runs, e.g. ``{"paged_attention": "gather_sdpa"}``.
+        compile_options: more ``torch.compile(backend="llmopt")`` options for
+            the served model, e.g. ``{"quantize": "int4"}`` or
+            ``{"prune": "2:4"}``; ``paged_kv``, ``lower`` and ``kernels`` are
+            the engine's own (set them through the fields above).
         speculative_config: speculative decoding (a dict or
             ``SpeculativeConfig``: ``method`` "ngram" / "draft_model" /
             "layer_skip", ``num_speculative_tokens``, ...); None: off.
@@ -54,6 +58,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None
     kernels: Any = None
+    compile_options: Any = None
     speculative_config: Any = None
 
     def __post_init__(self) -> None:
@@ -76,6 +81,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1 or None, got {value}")
         # Checked here, when the engine is built, with the compiler's own messages.
         self.kernels = KernelOptions.from_options(self.kernels)
+        self.compile_options = _checked_compile_options(self.compile_options)
         self.speculative_config = SpeculativeConfig.from_options(self.speculative_config)
         if not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
@@ -97,3 +103,27 @@ class EngineConfig:
                 raise ValueError("device='cuda' was asked for but no CUDA device is available")
             return device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_ENGINE_OWNED = ("paged_kv", "paging", "lower", "kernels")
+
+
+def _checked_compile_options(options: Any) -> dict:
+    """The served model's extra compiler options, checked with the compiler's own messages."""
+    from collections.abc import Mapping
+
+    from llmopt.config import LLMOptConfig
+    from llmopt.errors import LLMOptConfigError
+
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise LLMOptConfigError(f"compile_options must be a dict of llmopt options, "
+                                f"got {type(options).__name__}")
+    owned = sorted(set(options) & set(_ENGINE_OWNED))
+    if owned:
+        raise LLMOptConfigError(f"compile_options: {owned} belong to the engine (the paging pass is always on; "
+                                "set lower= and kernels= on the engine itself)")
+    options = dict(options)
+    LLMOptConfig.from_options(options)  # unknown keys and bad values fail here, before any compile
+    return options

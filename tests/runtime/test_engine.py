@@ -245,3 +245,37 @@ def test_bad_kernel_option_is_refused_when_the_engine_is_built(tokenizer):
     with pytest.raises(llmopt.LLMOptConfigError, match="paged_attention"):
         LLM(random_llama(heads="gqa", num_layers=2), tokenizer, lower="eager", num_kv_blocks=8,
             kernels={"paged_attention": "flash9"})
+
+
+def test_compile_options_quantize_the_served_model(tokenizer):
+    """``compile_options={"quantize": "int8"}`` serves the int8 model: its greedy tokens are
+    those of the float model with each linear weight replaced by its dequantized int8 copy
+    (exactness mode keeps the arithmetic in fp32, so only the weights differ)."""
+    import copy
+
+    from llmopt.quantization.quantize import quantize_count, quantize_weight
+
+    model = random_llama(heads="gqa", num_layers=2)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.copy_(quantize_weight(module.weight, "int8").dequantize())
+    before = quantize_count()
+    llm = LLM(model, tokenizer, lower="eager", num_kv_blocks=64, compile_options={"quantize": "int8"},
+              kernels={"quant_cpu_dtype": "float32"})
+    assert quantize_count() > before
+    prompts = _prompts(4)
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert out.token_ids == _hf_greedy(reference, prompt, 12)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"quantize": "int3"}, "int3"), ({"lower": "eager"}, "belong to the engine"),
+    ({"bogus": 1}, "bogus"), ("int4", "must be a dict")])
+def test_compile_options_errors_are_clear(options, message):
+    from llmopt.errors import LLMOptConfigError
+    from llmopt.runtime.engine_config import EngineConfig
+
+    with pytest.raises(LLMOptConfigError, match=message):
+        EngineConfig(compile_options=options)
