@@ -18,8 +18,15 @@ a contiguous allocation of the longest sequence for every request, and the
 padded batch caches HF holds. A sweep of the engine's ``max_num_seqs`` gives
 throughput against concurrency (plotted when matplotlib is installed).
 
+With ``--speculative-config JSON`` the engine is built with that
+speculative_config and every concurrency runs twice, speculation off then
+on, on the same compiled engine (off: its speculator detached for the run);
+the record's ``speculation`` gives on / off throughput per concurrency and
+the drafted / accepted counts of each run.
+
     python bench/serve.py [--requests 64] [--input-len 32 512] [--output-len 32 256]
                           [--hf-batch-sizes 8 64] [--concurrency 4 16 64] [--lower inductor]
+                          [--speculative-config '{"method": "ngram"}']
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class RunResult:
     concurrency: int
     kv_waste_mean: float | None = None
     same_tokens_as_llmopt: bool | None = None
+    speculation: dict | None = None  # speculation on: drafted / accepted tokens of this run
 
 
 def make_workload(tokenizer, n, input_range, output_range, seed, text_path) -> list[Request]:
@@ -84,10 +92,13 @@ def _pct(values, q):
 # ---------------------------------------------------------------- llmopt engine
 
 
-def run_engine(llm, requests, max_num_seqs) -> tuple[RunResult, list[list[int]]]:
+def run_engine(llm, requests, max_num_seqs, speculator=None) -> tuple[RunResult, list[list[int]]]:
+    """``speculator``: the engine's own (speculation on) or None (off for this run)."""
     from llmopt.runtime.sampling_params import SamplingParams
 
     engine = llm.engine
+    engine.speculator = speculator  # bench-only: on / off on the same compiled engine
+    before = _spec_counts(speculator)
     engine.scheduler.config.max_num_seqs = max_num_seqs  # bench-only: reuse the compiled engine
     engine.scheduler.block_manager.reset_prefix_cache()
     start = time.perf_counter()
@@ -102,7 +113,7 @@ def run_engine(llm, requests, max_num_seqs) -> tuple[RunResult, list[list[int]]]
         peak_blocks = max(peak_blocks, block_manager.num_used_blocks)
         if block_manager.num_used_blocks:
             waste.append(block_manager.kv_waste_fraction())
-        _progress(f"llmopt (max_num_seqs {max_num_seqs})", len(done), len(requests))
+        _progress(f"{_system(speculator)} (max_num_seqs {max_num_seqs})", len(done), len(requests))
     wall = time.perf_counter() - start
     outs = [done[i] for i in ids]
     ttft = [o.metrics.first_token_time - start for o in outs]
@@ -110,10 +121,27 @@ def run_engine(llm, requests, max_num_seqs) -> tuple[RunResult, list[list[int]]]
             for o in outs]
     tokens = sum(len(o.token_ids) for o in outs)
     per_block = engine.runner.kv_cache.bytes_per_block
-    result = RunResult("llmopt", wall, tokens, tokens / wall, _pct(ttft, .5), _pct(ttft, .99),
+    result = RunResult(_system(speculator), wall, tokens, tokens / wall, _pct(ttft, .5), _pct(ttft, .99),
                        _pct(tpot, .5), _pct(tpot, .99), peak_blocks * per_block, max_num_seqs,
                        kv_waste_mean=statistics.fmean(waste) if waste else 0.0)
+    if speculator is not None:
+        after = _spec_counts(speculator)
+        run = {k: after[k] - before[k] for k in after}
+        run["acceptance_rate"] = run["drafted"] and run["accepted"] / run["drafted"]
+        run["mean_accepted_length"] = run["verify_steps"] and run["emitted"] / run["verify_steps"]
+        run["requests_with_drafts"] = sum(1 for o in outs if o.metrics.num_drafted_tokens)
+        result.speculation = run
     return result, [o.token_ids for o in outs]
+
+
+def _system(speculator) -> str:
+    return "llmopt" if speculator is None else "llmopt+spec"
+
+
+def _spec_counts(speculator) -> dict:
+    stats = speculator.stats if speculator is not None else None
+    return {"drafted": stats.num_drafted, "accepted": stats.num_accepted,
+            "verify_steps": stats.num_verify_steps, "emitted": stats.num_emitted} if stats else {}
 
 
 # ---------------------------------------------------------------- Hugging Face static batches
@@ -176,13 +204,13 @@ def table(results, record) -> str:
         f"{cfg['output_len'][1]} tokens, seed {cfg['seed']}, llmopt lower={cfg['lower']}",
         f"machine: {record['machine']['cpu_model']}, {record['machine']['threads']} threads",
         "",
-        f"{'system':<10}{'conc':>5}{'wall s':>9}{'out tok/s':>11}{'vs best HF':>11}{'TTFT p50':>10}"
+        f"{'system':<12}{'conc':>5}{'wall s':>9}{'out tok/s':>11}{'vs best HF':>11}{'TTFT p50':>10}"
         f"{'p99':>8}{'TPOT p50 ms':>13}{'p99':>8}{'KV MiB':>9}",
     ]
     best_hf = max((r.output_tokens_per_s for r in results if r.system.startswith("hf")), default=None)
     for r in results:
         ratio = f"{r.output_tokens_per_s / best_hf:.2f}x" if best_hf else "-"
-        lines.append(f"{r.system:<10}{r.concurrency:>5}{r.wall_s:>9.1f}{r.output_tokens_per_s:>11.1f}"
+        lines.append(f"{r.system:<12}{r.concurrency:>5}{r.wall_s:>9.1f}{r.output_tokens_per_s:>11.1f}"
                      f"{ratio:>11}{r.ttft_p50_s:>10.2f}{r.ttft_p99_s:>8.2f}{r.tpot_p50_s * 1e3:>13.1f}"
                      f"{r.tpot_p99_s * 1e3:>8.1f}{r.kv_peak_bytes / 2**20:>9.1f}")
     kv = record["kv_memory"]
@@ -230,15 +258,24 @@ def main(argv=None) -> int:
     print(f"engine ready: warm-up/compile {engine.warmup_seconds:.1f} s, {engine.num_total_blocks} KV blocks",
           file=sys.stderr)
     requests = make_workload(llm.tokenizer, args.requests, args.input_len, args.output_len, args.seed, args.text)
+    speculator = engine.speculator  # None without --speculative-config
+    modes = [None] if speculator is None else [None, speculator]
     # Warm the engine's decode/prefill shapes once (compiles happen here, not in the timing).
-    run_engine(llm, requests[:4], max(args.concurrency))
+    for mode in modes:
+        run_engine(llm, requests[:4], max(args.concurrency), mode)
 
-    sweep, reference = [], None
+    sweep, spec_sweep, reference = [], [], None
     for conc in sorted(set(args.concurrency), reverse=True):
         result, tokens = run_engine(llm, requests, conc)
         reference = reference or tokens
         sweep.append(result)
+        if speculator is not None:  # right after the same concurrency off: the same machine load
+            result, tokens = run_engine(llm, requests, conc, speculator)
+            result.same_tokens_as_llmopt = _agreement(tokens, reference)
+            spec_sweep.append(result)
+    engine.speculator = speculator
     sweep.sort(key=lambda r: r.concurrency)
+    spec_sweep.sort(key=lambda r: r.concurrency)
     bytes_per_token = engine.runner.kv_cache.bytes_per_block // engine.config.block_size
     hf_results = []
     for batch_size in args.hf_batch_sizes:
@@ -259,17 +296,27 @@ def main(argv=None) -> int:
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "speculative_config": args.speculative_config,
                    "warmup_s": engine.warmup_seconds},
-        "results": [asdict(r) for r in sweep + hf_results],
+        "results": [asdict(r) for r in sweep + spec_sweep + hf_results],
         "kv_memory": {"llmopt_peak_bytes": main_run.kv_peak_bytes, "contiguous_max_len_bytes": contiguous,
                       "max_len": max_len, "llmopt_vs_contiguous": main_run.kv_peak_bytes / contiguous,
                       "llmopt_waste_mean": main_run.kv_waste_mean},
     }
+    if spec_sweep:
+        record["speculation"] = {
+            "config": engine.config.speculative_config.to_dict(),
+            "on_vs_off": {str(on.concurrency): on.output_tokens_per_s / off.output_tokens_per_s
+                          for off, on in zip(sweep, spec_sweep)},
+            "main_run_on_vs_off": spec_sweep[-1].output_tokens_per_s / main_run.output_tokens_per_s,
+        }
     best_hf = max(hf_results, key=lambda r: r.output_tokens_per_s, default=None)
     if best_hf:
         record["speedup_vs_best_hf"] = main_run.output_tokens_per_s / best_hf.output_tokens_per_s
     path = write_record("serve", record, args.out)
     picture = plot(sweep, hf_results, path.with_suffix(".png"))
-    print(table(sweep + hf_results, record))
+    print(table(sweep + spec_sweep + hf_results, record))
+    if spec_sweep:
+        print("\nspeculation on / off throughput: " + ", ".join(
+            f"concurrency {c}: {x:.3f}x" for c, x in record["speculation"]["on_vs_off"].items()))
     print(f"\nrecord: {path}" + (f"\nplot: {picture}" if picture else "\n(plot skipped: matplotlib missing)"))
     return 0
 
@@ -296,7 +343,8 @@ def parse_args(argv):
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
-                   help='the engine\'s speculative_config, e.g. \'{"method": "ngram"}\' (default off)')
+                   help='the engine\'s speculative_config, e.g. \'{"method": "ngram"}\'; each '
+                        'concurrency then runs with speculation off and on (default: off only)')
     p.add_argument("--out", help="JSON path (default bench/results/serve-<host>-<time>.json)")
     args = p.parse_args(argv)
     for lo, hi, name in ((*args.input_len, "input"), (*args.output_len, "output")):
