@@ -42,14 +42,24 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig,
-                 model_name: str = "model"):
+                 model_name: str = "model", model_source: str | None = None):
+        """``model_source``: the name or path ``model`` was loaded from, which tensor-parallel
+        workers load themselves (None: they are sent ``model``)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
         self.device = config.resolved_device()
-        self.runner = ModelRunner(model, RunnerOptions(self.device, config.block_size, config.lower,
-                                                       config.kernels, config.compile_options))
+        options = RunnerOptions(self.device, config.block_size, config.lower, config.kernels,
+                                config.compile_options)
+        if config.tensor_parallel_size > 1:  # rank 0 of several: llmopt/runtime/tp_worker.py
+            from llmopt.runtime.tp_worker import tensor_parallel_runner
+
+            self.runner = tensor_parallel_runner(model, options, config.tensor_parallel_size, model_source,
+                                                 config.dtype)
+            self.device = self.runner.device
+        else:
+            self.runner = ModelRunner(model, options)
         start = time.perf_counter()
         self.layer_specs = self.runner.profile()
         self.warmup_seconds = time.perf_counter() - start

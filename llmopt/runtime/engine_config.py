@@ -42,6 +42,10 @@ class EngineConfig:
         speculative_config: speculative decoding (a dict or
             ``SpeculativeConfig``: ``method`` "ngram" / "draft_model" /
             "layer_skip", ``num_speculative_tokens``, ...); None: off.
+        tensor_parallel_size: ranks the model is split over (Megatron-style,
+            the compiler's ``tensor_parallel`` pass); above 1 the engine
+            starts the other ranks as processes, or joins torchrun's
+            (``runtime/tp_world.py``); the KV budget is per rank.
     """
 
     dtype: Any = "float32"
@@ -60,6 +64,7 @@ class EngineConfig:
     kernels: Any = None
     compile_options: Any = None
     speculative_config: Any = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.dtype = as_dtype(self.dtype)
@@ -83,6 +88,7 @@ class EngineConfig:
         self.kernels = KernelOptions.from_options(self.kernels)
         self.compile_options = _checked_compile_options(self.compile_options)
         self.speculative_config = SpeculativeConfig.from_options(self.speculative_config)
+        _check_tensor_parallel(self)
         if not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -105,7 +111,20 @@ class EngineConfig:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_ENGINE_OWNED = ("paged_kv", "paging", "lower", "kernels")
+_ENGINE_OWNED = ("paged_kv", "paging", "lower", "kernels", "tensor_parallel")
+
+
+def _check_tensor_parallel(config: EngineConfig) -> None:
+    from llmopt.errors import LLMOptConfigError
+
+    size = config.tensor_parallel_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise LLMOptConfigError(f"tensor_parallel_size must be a positive int (the number of ranks), got {size!r}")
+    spec = config.speculative_config
+    if size > 1 and spec is not None and spec.method != "ngram":
+        # a drafter model has its own runner, which does not broadcast its steps to the workers
+        raise LLMOptConfigError(f"speculative method {spec.method!r} does not run with tensor_parallel_size > 1 "
+                                "yet; 'ngram' does")
 
 
 def _checked_compile_options(options: Any) -> dict:
@@ -123,7 +142,7 @@ def _checked_compile_options(options: Any) -> dict:
     owned = sorted(set(options) & set(_ENGINE_OWNED))
     if owned:
         raise LLMOptConfigError(f"compile_options: {owned} belong to the engine (the paging pass is always on; "
-                                "set lower= and kernels= on the engine itself)")
+                                "set lower=, kernels= and tensor_parallel_size= on the engine itself)")
     options = dict(options)
     LLMOptConfig.from_options(options)  # unknown keys and bad values fail here, before any compile
     return options

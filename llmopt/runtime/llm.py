@@ -43,7 +43,8 @@ class LLM:
     def __init__(self, model: Any = "smollm2", tokenizer: Any = None, **options: Any):
         config = EngineConfig.from_kwargs(**options)
         module, tokenizer, name = _resolve_model(model, tokenizer, config)
-        self.engine = LLMEngine(module, tokenizer, config, model_name=name)
+        self.engine = LLMEngine(module, tokenizer, config, model_name=name,
+                                model_source=model if isinstance(model, str) else None)
 
     @property
     def tokenizer(self):

@@ -1,0 +1,145 @@
+"""The engine across processes (``LLM(..., tensor_parallel_size=N)``), on CPU ranks joined by gloo.
+
+Reference: the same model served by one process (the engine itself is checked
+against Hugging Face ``generate`` in tests/runtime/test_engine.py). Greedy
+decoding with fp32 weights: the ranks sum the same products in another order
+(about 1e-6 on the logits, tests/parallel/test_tensor_parallel.py), far below
+the margin between the top two logits of these prompts, so the tokens must be
+identical.
+
+Each engine runs in its own processes (tests/parallel/tp_engine_main.py), as a
+user's would: rank 0 a child of the test, the workers its children (or, for
+the two "nodes", two torchrun launches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmopt.errors import LLMOptConfigError
+from llmopt.parallel.launch import free_port
+from llmopt.runtime.engine_config import EngineConfig
+from tiny_hf import save_tiny_llama
+
+from . import tp_engine_main
+
+HERE = Path(__file__).resolve().parent
+MAIN = HERE / "tp_engine_main.py"
+ROOT = HERE.parents[1]
+PYTHON = sys.executable
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random GQA Llama (4 query heads, 2 KV heads) saved as a Hugging Face directory: each
+    rank loads its own weights from it."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tp-engine"), heads="gqa", num_layers=2))
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir):
+    return [out.token_ids for out in tp_engine_main.engine(model_dir, 1).generate(tp_engine_main.prompts(),
+                                                                                  tp_engine_main.GREEDY)]
+
+
+def _json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, stdout
+    return json.loads(lines[-1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split() == ["State:", "Z", "(zombie)"] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids, seconds: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if not _gone(p)]
+
+
+def test_size_2_gives_one_process_greedy_tokens_and_its_workers_exit(model_dir, one_process):
+    done = subprocess.run([PYTHON, str(MAIN), model_dir, "--size", "2"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _json_line(done.stdout)
+    assert len(result["tokens"]) == 8 and all(len(t) == 12 for t in result["tokens"])
+    assert result["tokens"] == one_process
+    assert result["free_blocks"] == 64  # every block handed back
+    assert len(result["worker_pids"]) == 1
+    # two ranks share this machine's cores (an explicit OMP_NUM_THREADS would win)
+    cores = len(os.sched_getaffinity(0))
+    assert result["threads"] == max(1, cores // 2)
+    assert _wait_gone(result["worker_pids"], 5) == []  # rank 0 exited normally: its worker too
+
+
+def test_killed_rank_0_leaves_no_worker_behind(model_dir):
+    """kill -9 of rank 0 while its workers wait for the next step: they notice and exit."""
+    parent = subprocess.Popen([PYTHON, str(MAIN), model_dir, "--size", "2", "--hold"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    try:
+        line = parent.stdout.readline()  # printed once the engine is built (the workers are serving)
+        assert line.startswith("{"), line
+        workers = json.loads(line)["worker_pids"]
+        assert len(workers) == 1 and not any(_gone(p) for p in workers)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        assert _wait_gone(workers) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_two_torchrun_nodes_give_one_process_greedy_tokens(model_dir, one_process):
+    """Two torchrun launches on 127.0.0.1, one process each (nnodes 2, c10d rendezvous): what a
+    launch on two machines does, with HOST = the first machine's address."""
+    port = free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"llmopt-tp-{port}",
+             "--max-restarts", "0", str(MAIN), model_dir, "--size", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    nodes = [node(0), node(1)]
+    try:
+        outputs = [n.communicate(timeout=600) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+                n.wait()
+    for n, (_, stderr) in zip(nodes, outputs):
+        assert n.returncode == 0, stderr[-3000:]
+    printed = [_json_line(out) for out, _ in outputs if "{" in out]
+    assert len(printed) == 1  # rank 0 (whichever node the rendezvous made rank 0) prints; the other serves
+    assert printed[0]["tokens"] == one_process
+    assert printed[0]["worker_pids"] == []  # torchrun started the ranks, not the engine
+
+
+def test_engine_options_are_checked():
+    assert EngineConfig(tensor_parallel_size=2).tensor_parallel_size == 2
+    with pytest.raises(LLMOptConfigError, match="tensor_parallel_size must be a positive int"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(LLMOptConfigError, match="belong to the engine"):
+        EngineConfig(compile_options={"tensor_parallel": 2})
+    with pytest.raises(LLMOptConfigError, match="'layer_skip' does not run with tensor_parallel_size > 1"):
+        EngineConfig(tensor_parallel_size=2, speculative_config={"method": "layer_skip", "num_layers": 1})
+    EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"})
