@@ -29,6 +29,7 @@ _RUNTIME_NAMES = {
     "CompletionOutput": "llmopt.runtime.outputs",
     "EngineConfig": "llmopt.runtime.engine_config",
     "SpeculativeConfig": "llmopt.runtime.speculative.config",
+    "Cascade": "llmopt.runtime.cascade",
 }
 
 
@@ -51,6 +52,7 @@ def __getattr__(name):
 
 __all__ = [
     "LLM",
+    "Cascade",
     "CompletionOutput",
     "EngineConfig",
     "RequestOutput",

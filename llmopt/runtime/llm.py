@@ -34,6 +34,8 @@ class LLM:
         model: ``"smollm2"`` (the embedded default), a local Hugging Face
             directory or ``.gguf`` file, or an ``nn.Module`` that follows the
             runtime's protocol (then pass ``tokenizer``).
+            An :class:`llmopt.Cascade` serves its models as a cascade
+            (``llmopt/runtime/cascade.py``); ``options`` then apply to each.
         tokenizer: a Hugging Face tokenizer (needed for string prompts and
             text output when ``model`` is a module).
         **options: :class:`EngineConfig` fields (``dtype``, ``lower``,
@@ -41,6 +43,11 @@ class LLM:
     """
 
     def __init__(self, model: Any = "smollm2", tokenizer: Any = None, **options: Any):
+        from llmopt.runtime.cascade import Cascade
+
+        if isinstance(model, Cascade):  # its own engine, with the same step API
+            self.engine = model.build_engine(tokenizer, **options)
+            return
         config = EngineConfig.from_kwargs(**options)
         module, tokenizer, name = _resolve_model(model, tokenizer, config)
         self.engine = LLMEngine(module, tokenizer, config, model_name=name,
