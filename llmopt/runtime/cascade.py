@@ -157,6 +157,8 @@ class Cascade:
                     if name == "compile_options" else
                     f"{_GROUP}: speculative_config cannot be combined with a cascade")
         config = EngineConfig.from_kwargs(**engine_options)
+        if getattr(config, "tensor_parallel_size", 1) > 1:
+            raise LLMOptConfigError(f"{_GROUP}: tensor_parallel_size > 1 does not run with a cascade yet")
         tokenizer = tokenizer or self.tokenizer
         loaded = []
         for member in self.models:

@@ -250,3 +250,15 @@ def test_served_through_the_openai_server(small, large, tokenizer):
     finally:
         server.close()
     assert answer["choices"][0]["text"] == tokenizer.decode(greedy(small, PROMPTS[0], 10), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ('{"models": ["smollm2"]}', "--cascade: cascade: models must be a list of two or more"),
+    ('{"models": ["smollm2", "smollm2"], "deferral": "word"}', "--cascade: cascade option 'deferral'"),
+])
+def test_serve_cascade_flag_reports_a_bad_cascade_in_one_line(spec, message, capsys):
+    from llmopt.cli import main
+
+    assert main(["serve", "--cascade", spec, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
