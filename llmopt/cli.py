@@ -65,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="where llmopt lowers the rewritten graph (default inductor)")
     gen.add_argument("--no-compile", action="store_true", help="run the plain Hugging Face cache loop: no torch.compile, no serving engine")
     _add_speculative_argument(gen)
+    _add_tensor_parallel_argument(gen)
     gen.set_defaults(run=_generate)
 
     exp = commands.add_parser("explain", help="show what the llmopt backend does to a model", description=(
@@ -97,10 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="sequences that may wait beyond the running batch; 503 with Retry-After when full "
                           "(default 256)")
     _add_speculative_argument(srv)
-    srv.add_argument("--cascade", type=_json_object, metavar="JSON",
-                     help='serve a cascade of models instead of --model, e.g. \'{"models": [{"model": "smollm2", '
-                          '"compile_options": {"quantize": "int4"}}, "smollm2"], "deferral": "token", '
-                          '"threshold": 0.5, "top_k": 2}\' (deferral token or response; see the README)')
+    _add_tensor_parallel_argument(srv)
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
     _add_export_onnx_parser(commands)
@@ -115,6 +113,12 @@ def _add_speculative_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", type=_json_object, metavar="JSON",
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              "(methods: ngram, draft_model, layer_skip; see the README)")
+
+
+def _add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                        help="split the model over N processes (tensor parallelism; default 1): started here, "
+                             "or the N ranks torchrun launched (see the README)")
 
 
 def _compile_options(args) -> dict:
@@ -152,7 +156,8 @@ def _generate(args) -> int:
 
     try:
         llm = LLM(model, tokenizer, lower=args.lower, kv_cache_memory_gib=0.5,
-                  compile_options=_compile_options(args), speculative_config=args.speculative_config)
+                  compile_options=_compile_options(args), speculative_config=args.speculative_config,
+                  tensor_parallel_size=args.tensor_parallel_size)  # a torchrun worker rank serves, exits here
     except LLMOptConfigError as error:
         raise UsageError(str(error)) from None
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, seed=args.seed,
@@ -214,16 +219,12 @@ def _serve(args) -> int:
     options = {"model": args.model, "lower": args.lower, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib,
                "compile_options": _compile_options(args) or None,
-               "speculative_config": args.speculative_config}
-    if args.cascade is not None:  # it names its own models (and their compile options)
-        from llmopt.errors import LLMOptConfigError
-        from llmopt.runtime.cascade import Cascade
-
-        try:
-            options["model"] = Cascade.from_options(args.cascade)
-        except LLMOptConfigError as error:
-            raise UsageError(f"--cascade: {error}") from None
+               "speculative_config": args.speculative_config, "tensor_parallel_size": args.tensor_parallel_size}
     _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", 0)) > 0:
+        from llmopt.runtime.llm import LLM
+
+        LLM(**{k: v for k, v in options.items() if v is not None})  # a torchrun worker rank: serves rank 0, exits
     try:
         serve({k: v for k, v in options.items() if v is not None}, args.host, args.port, args.served_model_name,
               api_key=args.api_key or None, max_body_bytes=args.max_request_bytes, max_waiting=args.max_waiting)

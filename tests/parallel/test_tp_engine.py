@@ -143,3 +143,21 @@ def test_engine_options_are_checked():
     with pytest.raises(LLMOptConfigError, match="'layer_skip' does not run with tensor_parallel_size > 1"):
         EngineConfig(tensor_parallel_size=2, speculative_config={"method": "layer_skip", "num_layers": 1})
     EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram"})
+
+
+def test_llmopt_generate_with_tensor_parallel_size_2(model_dir):
+    """``llmopt generate --tensor-parallel-size 2`` prints Hugging Face greedy decoding's reply."""
+    import torch
+
+    from llmopt.models import load
+
+    model, tokenizer = load(model_dir)
+    ids = tokenizer("Hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    done = subprocess.run([PYTHON, "-m", "llmopt", "generate", "Hello", "--model", model_dir, "--lower", "eager",
+                           "--max-tokens", "8", "--tensor-parallel-size", "2"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert text and done.stdout == text + "\n"
