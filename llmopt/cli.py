@@ -98,6 +98,10 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="sequences that may wait beyond the running batch; 503 with Retry-After when full "
                           "(default 256)")
     _add_speculative_argument(srv)
+    srv.add_argument("--cascade", type=_json_object, metavar="JSON",
+                     help='serve a cascade of models instead of --model, e.g. \'{"models": [{"model": "smollm2", '
+                          '"compile_options": {"quantize": "int4"}}, "smollm2"], "deferral": "token", '
+                          '"threshold": 0.5, "top_k": 2}\' (deferral token or response; see the README)')
     _add_tensor_parallel_argument(srv)
     srv.set_defaults(run=_serve)
     _add_eval_parser(commands)
@@ -220,6 +224,14 @@ def _serve(args) -> int:
                "max_model_len": args.max_model_len, "kv_cache_memory_gib": args.kv_cache_gib,
                "compile_options": _compile_options(args) or None,
                "speculative_config": args.speculative_config, "tensor_parallel_size": args.tensor_parallel_size}
+    if args.cascade is not None:  # it names its own models (and their compile options)
+        from llmopt.errors import LLMOptConfigError
+        from llmopt.runtime.cascade import Cascade
+
+        try:
+            options["model"] = Cascade.from_options(args.cascade)
+        except LLMOptConfigError as error:
+            raise UsageError(f"--cascade: {error}") from None
     _progress(f"loading {args.model} and starting the engine (lower={args.lower}) ...")
     if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", 0)) > 0:
         from llmopt.runtime.llm import LLM
