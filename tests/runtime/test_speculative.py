@@ -135,6 +135,39 @@ def test_stream_and_abort_with_speculation(tokenizer, target):
     assert 0 < stats.num_accepted <= stats.num_drafted
 
 
+def test_speculation_metrics_per_request_and_per_engine(tokenizer, target):
+    """Each request's counts add up to the engine's; rates follow from the counts; /metrics shows them."""
+    from types import SimpleNamespace
+
+    from llmopt.runtime.engine_loop import LoopStats
+    from llmopt.runtime.server_metrics import ServerMetrics
+
+    llm = LLM(target, tokenizer, lower="eager", num_kv_blocks=64, speculative_config=_spec("ngram", k=4))
+    max_tokens = 24
+    outs = llm.generate(_prompts(4, seed=5), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    stats = llm.engine.speculator.stats
+    metrics = [o.metrics for o in outs]
+    assert sum(m.num_drafted_tokens for m in metrics) == stats.num_drafted > 0
+    assert sum(m.num_accepted_tokens for m in metrics) == stats.num_accepted > 0
+    assert sum(m.num_spec_steps for m in metrics) == stats.num_verify_steps
+    for o, m in zip(outs, metrics):
+        assert 0 <= m.num_accepted_tokens <= m.num_drafted_tokens
+        if m.num_drafted_tokens:
+            assert m.acceptance_rate == m.num_accepted_tokens / m.num_drafted_tokens
+            assert m.mean_accepted_length == 1 + m.num_accepted_tokens / m.num_spec_steps
+        # One token from prefill, then per step: one, or (verifying) the kept drafts and one.
+        plain_steps = len(o.token_ids) - 1 - m.num_spec_steps - m.num_accepted_tokens
+        assert plain_steps >= 0 and len(o.token_ids) == max_tokens
+    # Without stops every verification emits its kept drafts and one token of the target.
+    assert stats.num_emitted == stats.num_verify_steps + stats.num_accepted
+    text = ServerMetrics(SimpleNamespace(engine=llm.engine, stats=LoopStats()), "m").render().decode()
+    for name, value in (("num_draft_tokens", stats.num_drafted), ("num_accepted_tokens", stats.num_accepted),
+                        ("acceptance_rate", stats.num_accepted / stats.num_drafted),
+                        ("mean_accepted_length", 1 + stats.num_accepted / stats.num_verify_steps)):
+        line = next(x for x in text.splitlines() if x.startswith(f"llmopt_spec_decode_{name}{{"))
+        assert float(line.split()[-1]) == pytest.approx(value), line
+
+
 def test_bad_speculative_configs_are_clear_errors(tokenizer, target):
     for config, match in (
             (dict(method="ngram", num_speculative_tokens=0), "num_speculative_tokens must be an int >= 1"),
