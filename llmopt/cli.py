@@ -64,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lower", choices=("inductor", "eager"), default="inductor",
                      help="where llmopt lowers the rewritten graph (default inductor)")
     gen.add_argument("--no-compile", action="store_true", help="run the plain Hugging Face cache loop: no torch.compile, no serving engine")
+    gen.add_argument("--wait-for-compile", action="store_true",
+                     help="answer only once the engine is compiled (default: an uncompiled loop answers at once "
+                          "and the compiled engine takes over when it is ready; --quantize always waits)")
     _add_speculative_argument(gen)
     _add_tensor_parallel_argument(gen)
     gen.set_defaults(run=_generate)
@@ -147,6 +150,8 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args) -> int:
+    if not args.no_compile and not args.wait_for_compile and not args.quantize and args.tensor_parallel_size == 1:
+        return _generate_quick_start(args)
     model, tokenizer = _load(args.model)
     prompt_ids = _chat_prompt(tokenizer, args.prompt, args.system)
     if args.no_compile:
@@ -178,6 +183,107 @@ def _generate(args) -> int:
     print(f"[{count} tokens, {rate:.1f} tokens/s decode, prefill {metrics.first_token_time - start:.2f} s, "
           f"compile {llm.engine.warmup_seconds:.1f} s, lower={args.lower}]", file=sys.stderr)
     return 0
+
+
+def _generate_quick_start(args) -> int:
+    """The default: the first tokens from an uncompiled worker process, the rest from the
+    compiled engine once it is ready (``llmopt.runtime.quick_start``)."""
+    import os
+
+    from llmopt.runtime import quick_start
+    from llmopt.runtime.sampling_params import SamplingParams
+
+    request = {"model": args.model, "prompt": args.prompt, "system": args.system, "max_tokens": args.max_tokens,
+               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+    loaded: dict = {}
+
+    def params(max_tokens: int, **extra) -> SamplingParams:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, seed=args.seed,
+                              max_tokens=max_tokens, **extra)
+
+    def build_engine():  # quiet: the reply is streaming on stdout meanwhile
+        from transformers.utils import logging as hf_logging
+
+        from llmopt.models import load
+
+        hf_logging.disable_progress_bar()  # its bar would land in the middle of the reply
+        model, tokenizer = load(args.model)
+        loaded["tokenizer"] = tokenizer
+        llm = _engine(args, model, tokenizer)
+        # One short request compiles the prefill and the decode step before the switch.
+        llm.generate([_chat_prompt(tokenizer, args.prompt, args.system)[0].tolist()],
+                     SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        return llm
+
+    def continue_on_engine(llm, token_ids, max_tokens):
+        for output in llm.stream([token_ids], params(max_tokens)):
+            yield output.token_ids
+
+    _engine_config(args)  # a bad option or model fails here, before anything starts
+    from llmopt.models import ModelNotInstalledError, source
+
+    try:
+        source(args.model)
+    except (ModelNotInstalledError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    _progress(f"loading {args.model}; an uncompiled loop answers while the engine compiles "
+              "(--wait-for-compile: answer from the compiled engine only) ...")
+    stats = quick_start.QuickStartStats()
+    tokens: list[int] = []
+    printed, start = "", time.perf_counter()
+    try:
+        for token, text in quick_start.stream(request, build_engine, continue_on_engine, say=_progress,
+                                              stats=stats):
+            tokens.append(token)
+            if text is None:  # an engine token: decode with the ones before it
+                text = loaded["tokenizer"].decode(tokens, skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+                if text.endswith("\ufffd"):
+                    continue
+                text = text[len(printed):]
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            printed += text
+    except quick_start.QuickStartFailed as error:
+        raise UsageError(str(error)) from None
+    print()
+    elapsed = time.perf_counter() - start
+    where = (f"{stats.from_worker} uncompiled, {stats.from_engine} from the compiled engine after "
+             f"{stats.switched_at_s:.1f} s" if stats.switched_at_s is not None else
+             "all uncompiled: the reply ended before the engine was compiled")
+    print(f"[{len(tokens)} tokens ({where}); first token {stats.first_token_s or 0:.1f} s, "
+          f"{elapsed:.1f} s in all]", file=sys.stderr)
+    if quick_start.engine_still_building(stats):
+        # The compile thread cannot be stopped; leave without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _engine_options(args) -> dict:
+    return {"lower": args.lower, "kv_cache_memory_gib": 0.5, "compile_options": _compile_options(args),
+            "speculative_config": args.speculative_config}
+
+
+def _engine_config(args):
+    from llmopt.errors import LLMOptConfigError
+    from llmopt.runtime.engine_config import EngineConfig
+
+    try:
+        return EngineConfig.from_kwargs(**_engine_options(args))
+    except LLMOptConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _engine(args, model, tokenizer):
+    from llmopt.errors import LLMOptConfigError
+    from llmopt.runtime.llm import LLM
+
+    try:
+        return LLM(model, tokenizer, **_engine_options(args))
+    except LLMOptConfigError as error:
+        raise UsageError(str(error)) from None
 
 
 def _generate_uncompiled(args, model, tokenizer, prompt_ids) -> int:

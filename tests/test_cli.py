@@ -78,7 +78,7 @@ def test_help_exits_0(capsys):
 
 @pytest.mark.slow
 def test_generate_subprocess_prints_the_greedy_reply(smollm2):
-    result = run_cli("generate", QUESTION, "--max-tokens", "8", "--lower", "eager")
+    result = run_cli("generate", QUESTION, "--max-tokens", "8", "--lower", "eager", "--wait-for-compile")
     assert result.returncode == 0, result.stderr[-2000:]
     model, tokenizer = smollm2
     assert result.stdout.strip() == hf_reply(model, tokenizer, QUESTION, 8)[0].strip()
@@ -86,6 +86,17 @@ def test_generate_subprocess_prints_the_greedy_reply(smollm2):
     stats = STATS_LINE.search(result.stderr)
     assert stats and int(stats.group(1)) == 8
     assert "compiling with torch.compile(backend='llmopt', lower=eager)" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_quick_start_prints_the_greedy_reply(smollm2):
+    """The default: the uncompiled worker answers at once; the reply is HF's greedy one."""
+    result = run_cli("generate", QUESTION, "--max-tokens", "8", "--lower", "eager")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, tokenizer = smollm2
+    assert result.stdout.strip() == hf_reply(model, tokenizer, QUESTION, 8)[0].strip()
+    assert "an uncompiled loop answers while the engine compiles" in result.stderr
+    assert re.search(r"\[8 tokens \(", result.stderr), result.stderr[-2000:]
 
 
 @pytest.mark.slow
