@@ -16,10 +16,13 @@ runs on CUDA), two broadcasts from rank 0:
 
 * a header of ``HEADER_LEN`` int64: command (``STEP`` or ``STOP``), tokens T,
   sequences N, block-table width W, max query length, max sequence length,
-  the block count of a new KV cache (0: the cache is the one sent last), and
-  the dtypes of the four metadata tensors;
+  the block count of a new KV cache (0: the cache is the one sent last), the
+  payload's length, the number M of attention masks, and the dtypes of the
+  four metadata tensors;
 * the payload, int64: token ids (T), positions (T), slot mapping (T), block
-  tables (N x W), sequence lengths (N), query start offsets (N + 1).
+  tables (N x W), sequence lengths (N), query start offsets (N + 1), then per
+  mask (a sequence whose new tokens attend as a tree, ``PagedStep.append_masks``):
+  its sequence index, its size q and the q x q mask.
 
 Rank 0 replaces its cache object when it sizes the pool after profiling; the
 header's block count makes each worker allocate the same pool then. A worker
@@ -45,7 +48,7 @@ from llmopt.runtime.tp_world import TensorParallelWorld, join_as_spawned_worker,
 __all__ = ["TensorParallelRunner", "spawned_worker_main", "tensor_parallel_runner"]
 
 STOP, STEP = 0, 1
-HEADER_LEN = 11
+HEADER_LEN = 13
 _DTYPES = (torch.int32, torch.int64)
 _NO_ROWS = torch.zeros(0, dtype=torch.long)
 
@@ -118,9 +121,14 @@ def _send(control, token_ids: Tensor, positions: Tensor, step: PagedStep, new_ca
 
     meta = (step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc)
     num_seqs, width = step.block_tables.shape
+    masks = getattr(step, "append_masks", None) or {}
+    parts = [t.reshape(-1).to("cpu", torch.long) for t in (token_ids, positions, *meta)]
+    for index, mask in masks.items():
+        parts += [torch.tensor([index, mask.shape[0]]), mask.reshape(-1).to("cpu", torch.long)]
+    payload = torch.cat(parts)
     header = torch.tensor([STEP, token_ids.numel(), num_seqs, width, step.max_query_len, step.max_seq_len,
-                           new_cache, *(_DTYPES.index(t.dtype) for t in meta)], dtype=torch.long)
-    payload = torch.cat([t.reshape(-1).to("cpu", torch.long) for t in (token_ids, positions, *meta)])
+                           new_cache, payload.numel(), len(masks), *(_DTYPES.index(t.dtype) for t in meta)],
+                          dtype=torch.long)
     dist.broadcast(header, 0, group=control)
     dist.broadcast(payload, 0, group=control)
 
@@ -131,17 +139,28 @@ def _receive(control) -> tuple[Tensor, Tensor, PagedStep, int] | None:
 
     header = torch.zeros(HEADER_LEN, dtype=torch.long)
     dist.broadcast(header, 0, group=control)
-    command, tokens, num_seqs, width, max_query, max_seq, new_cache, *codes = header.tolist()
+    command, tokens, num_seqs, width, max_query, max_seq, new_cache, length, num_masks, *codes = header.tolist()
     if command == STOP:
         return None
-    sizes = [tokens, tokens, tokens, num_seqs * width, num_seqs, num_seqs + 1]
-    payload = torch.zeros(sum(sizes), dtype=torch.long)
+    payload = torch.zeros(length, dtype=torch.long)
     dist.broadcast(payload, 0, group=control)
-    token_ids, positions, slots, tables, lens, starts = payload.split(sizes)
+    sizes = [tokens, tokens, tokens, num_seqs * width, num_seqs, num_seqs + 1]
+    token_ids, positions, slots, tables, lens, starts = payload[:sum(sizes)].split(sizes)
     dtypes = [_DTYPES[c] for c in codes]
     step = PagedStep(slots.to(dtypes[0]), tables.reshape(num_seqs, width).to(dtypes[1]), lens.to(dtypes[2]),
                      starts.to(dtypes[3]), max_query, max_seq)
+    if num_masks:
+        step.append_masks = _masks(payload[sum(sizes):].tolist(), num_masks)
     return token_ids, positions, step, new_cache
+
+
+def _masks(flat: list[int], count: int) -> dict[int, Tensor]:
+    masks, at = {}, 0
+    for _ in range(count):
+        index, q = flat[at], flat[at + 1]
+        masks[index] = torch.tensor(flat[at + 2:at + 2 + q * q], dtype=torch.bool).reshape(q, q)
+        at += 2 + q * q
+    return masks
 
 
 class _WorkerRunner(ModelRunner):

@@ -161,3 +161,23 @@ def test_llmopt_generate_with_tensor_parallel_size_2(model_dir):
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert text and done.stdout == text + "\n"
+
+
+def test_a_step_reaches_the_workers_whole():
+    """What rank 0 broadcasts is what a worker runs: tokens, positions, every metadata tensor with
+    its dtype, the new cache's size, a tree attention mask; then the stop."""
+    import torch
+
+    from llmopt.parallel.launch import run_ranks
+
+    from . import workers
+
+    sent, (received, stop) = run_ranks(workers.step_over_the_wire, 2, timeout=120)
+    assert stop is None
+    tokens, positions, step, new_cache = received
+    assert torch.equal(tokens, sent[0]) and torch.equal(positions, sent[1]) and new_cache == sent[3] == 64
+    for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
+        got, want = getattr(step, name), getattr(sent[2], name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert (step.max_query_len, step.max_seq_len) == (3, 19)
+    assert list(step.append_masks) == [1] and torch.equal(step.append_masks[1], sent[2].append_masks[1])

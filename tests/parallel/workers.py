@@ -143,3 +143,22 @@ def fail_or_hang(rank: int, size: int, mode: str):
         time.sleep(600)
     dist.all_reduce(torch.ones(1))
     return os.getpid()
+
+
+def step_over_the_wire(rank: int, size: int):
+    """Rank 0 sends a step (with an attention mask for its second sequence) the way the
+    tensor-parallel runner does, then a stop; every other rank returns what it received."""
+    from llmopt.runtime import tp_worker
+    from llmopt.runtime.paged_context import PagedStep
+
+    control = torch.distributed.new_group(backend="gloo")
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    step = PagedStep(torch.tensor([5, 6, 17, 18, 19], dtype=torch.int32), torch.tensor([[0, 3], [1, 2]], dtype=torch.int32),
+                     torch.tensor([6, 19], dtype=torch.int32), torch.tensor([0, 2, 5], dtype=torch.int32), 3, 19)
+    step.append_masks = {1: mask}
+    sent = (torch.tensor([7, 8, 9, 10, 11]), torch.tensor([4, 5, 16, 17, 18]), step, 64)
+    if rank == 0:
+        tp_worker._send(control, *sent)
+        torch.distributed.broadcast(torch.zeros(tp_worker.HEADER_LEN, dtype=torch.long), 0, group=control)
+        return sent
+    return tp_worker._receive(control), tp_worker._receive(control)
