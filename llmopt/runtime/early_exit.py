@@ -68,6 +68,7 @@ __all__ = [
     "confidence",
     "generate",
     "score",
+    "score_thresholds",
 ]
 
 CRITERIA = ("max_prob", "margin")
@@ -354,7 +355,8 @@ class ScoreResult:
 
 
 @torch.inference_mode()
-def score(model: nn.Module, token_ids, early_exit=None, *, context: int = 32) -> ScoreResult:
+def score(model: nn.Module, token_ids, early_exit=None, *, context: int = 32,
+          sequential: bool = False) -> ScoreResult:
     """Teacher-forced early exit over ``token_ids``.
 
     The first ``context`` tokens are prefilled through every layer; each later token is
@@ -363,13 +365,21 @@ def score(model: nn.Module, token_ids, early_exit=None, *, context: int = 32) ->
     the same approximated cache decoding would. Scores the positions ``context - 1 ..
     len - 2`` (each predicts the next true token). ``early_exit=None``: the full model
     (its argmaxes are the reference for :meth:`ScoreResult.agreement`).
+
+    With no exits, or with ``kv_fill="full"`` (every layer's K/V exact, so every hidden
+    state is the full model's), one parallel forward over the text is the same
+    computation and is used instead (``sequential=True`` forces the token loop).
     """
     ids = _prompt_list(token_ids)
     if not 1 <= context < len(ids):
         raise ValueError(f"context must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {context}")
     config = _config(early_exit)
     decoder = _LayerwiseDecoder(model)
-    checks = frozenset(config.check_layers(decoder.num_layers)) if config else frozenset()
+    checks = config.check_layers(decoder.num_layers) if config else ()
+    if not sequential and (config is None or config.kv_fill == "full"):
+        criterion = config.criterion if config else "max_prob"
+        table = _exit_table(decoder, ids, checks, criterion, context)
+        return _decide(table, config.threshold if config else None, decoder.num_layers, context)
     stats = ExitStats(num_layers=decoder.num_layers, prompt_tokens=context)
     cache = decoder.new_cache()
     nll, argmax = [], []
@@ -380,18 +390,91 @@ def score(model: nn.Module, token_ids, early_exit=None, *, context: int = 32) ->
         stats.layers_used.append(used)
 
     start = time.perf_counter()
-    if config is None:  # no exits: one parallel forward is the same computation
-        logits = decoder.forward_full(ids[:-1], 0, cache)
-        for position in range(context - 1, len(ids) - 1):
-            record(logits[position], ids[position + 1], decoder.num_layers)
-    else:
-        logits = decoder.forward_full(ids[:context], 0, cache)
-        record(logits[-1], ids[context], decoder.num_layers)
-        for position in range(context, len(ids) - 1):
-            logits, used = decoder.forward_exit(ids[position], position, cache, config, checks, stats)
-            record(logits, ids[position + 1], used)
+    logits = decoder.forward_full(ids[:context], 0, cache)
+    record(logits[-1], ids[context], decoder.num_layers)
+    for position in range(context, len(ids) - 1):
+        logits, used = decoder.forward_exit(ids[position], position, cache, config, frozenset(checks), stats)
+        record(logits, ids[position + 1], used)
     stats.decode_s = time.perf_counter() - start
     return ScoreResult(nll, argmax, stats)
+
+
+@dataclass
+class _ExitTable:
+    """Per scored position and per exit point (the check layers, then the last layer):
+    the criterion's value, the argmax and the true next token's NLL, from exact states."""
+
+    layer_counts: list[int]
+    confidence: Tensor  # (exits + 1, positions)
+    argmax: Tensor
+    nll: Tensor
+    seconds: float
+
+
+def _exit_table(decoder: _LayerwiseDecoder, ids: list[int], checks, criterion: str, context: int,
+                rows_per_chunk: int = 256) -> _ExitTable:
+    start = time.perf_counter()
+    hidden, positions, rope, mask = decoder.embed(ids[:-1], 0)
+    states = {}
+    wanted = set(checks) | {decoder.num_layers}
+    for index in range(decoder.num_layers):
+        hidden = decoder.run_layer(index, hidden, positions, rope, mask, None)
+        if index + 1 in wanted:
+            states[index + 1] = hidden[0, context - 1:]
+    targets = torch.tensor(ids[context:], device=decoder.device)
+    counts = [*checks, decoder.num_layers]
+    conf, top, nll = (torch.empty(len(counts), len(targets), dtype=dtype)
+                      for dtype in (torch.float32, torch.long, torch.float32))
+    for row, count in enumerate(counts):
+        for chunk in torch.arange(len(targets)).split(rows_per_chunk):
+            logits = decoder.logits(states[count][chunk])
+            conf[row, chunk] = confidence(logits, criterion).cpu()
+            top[row, chunk] = logits.argmax(-1).cpu()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll[row, chunk] = -logp.gather(1, targets[chunk][:, None])[:, 0].cpu()
+    return _ExitTable(counts, conf, top, nll, time.perf_counter() - start)
+
+
+def _decide(table: _ExitTable, threshold: float | None, num_layers: int, context: int) -> ScoreResult:
+    """:func:`score`'s result for one threshold (None: no exits) from the table."""
+    exits = len(table.layer_counts) - 1
+    positions = table.confidence.shape[1]
+    if threshold is None or exits == 0:
+        choice = torch.full((positions,), exits, dtype=torch.long)
+        num_checks = 0
+    else:
+        passed = table.confidence[:exits] >= threshold
+        passed[:, 0] = False  # position context - 1 comes from the full prefill, as in the token loop
+        passed = torch.cat([passed, torch.ones(1, positions, dtype=torch.bool)])
+        choice = passed.to(torch.int8).argmax(0).long()  # the first exit that passes
+        num_checks = int(torch.clamp(choice[1:] + 1, max=exits).sum())
+    pick = choice[None]
+    used = torch.tensor(table.layer_counts)[choice]
+    stats = ExitStats(layers_used=used.tolist(), num_layers=num_layers, num_checks=num_checks,
+                      prompt_tokens=context, decode_s=table.seconds)
+    return ScoreResult(table.nll.gather(0, pick)[0].tolist(), table.argmax.gather(0, pick)[0].tolist(), stats)
+
+
+@torch.inference_mode()
+def score_thresholds(model: nn.Module, token_ids, thresholds: Sequence[float], *, min_layer: int,
+                     criterion: str = "max_prob", check_every: int = 1,
+                     context: int = 32) -> tuple[ScoreResult, dict[float, ScoreResult]]:
+    """:func:`score` with exact KV (``kv_fill="full"``) at many thresholds from one forward.
+
+    Returns (the full model's result, {threshold: result}). Every threshold's exit
+    decisions read the same exact hidden states, so one forward and one ``lm_head`` pass
+    per check layer serve them all.
+    """
+    ids = _prompt_list(token_ids)
+    if not 1 <= context < len(ids):
+        raise ValueError(f"context must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {context}")
+    configs = [EarlyExitDecodeConfig(t, min_layer, criterion, check_every, "full") for t in thresholds]
+    decoder = _LayerwiseDecoder(model)
+    checks = configs[0].check_layers(decoder.num_layers) if configs else \
+        EarlyExitDecodeConfig(1.0, min_layer, criterion, check_every).check_layers(decoder.num_layers)
+    table = _exit_table(decoder, ids, checks, criterion, context)
+    full = _decide(table, None, decoder.num_layers, context)
+    return full, {c.threshold: _decide(table, c.threshold, decoder.num_layers, context) for c in configs}
 
 
 # ---------------------------------------------------------------- calibration
@@ -417,17 +500,25 @@ def calibrate_threshold(model: nn.Module, token_ids, *, target_agreement: float 
     greedy token. Candidates are tried from the highest (the safest) down and the search
     stops at the first that misses the target (agreement is not strictly monotone in the
     threshold, so a lower one that passes after a failure is not trusted). Use a text the
-    evaluation does not score. Cost: one :func:`score` per candidate tried.
+    evaluation does not score. Cost: with ``kv_fill="copy"`` (what decoding does), one
+    token-by-token :func:`score` per candidate tried; with ``"full"`` (exact KV: the
+    exit decision's cost only, an optimistic estimate), one forward for all candidates.
     """
     if not 0 < target_agreement <= 1:
         raise LLMOptConfigError(f"target_agreement must be in (0, 1], got {target_agreement!r}")
     if not candidates:
         raise LLMOptConfigError("calibrate_threshold needs at least one candidate threshold")
-    reference = score(model, token_ids, None, context=context)
+    ordered = sorted(candidates, reverse=True)
+    exact = {}
+    if kv_fill == "full":  # every candidate from one forward
+        reference, exact = score_thresholds(model, token_ids, ordered, min_layer=min_layer, criterion=criterion,
+                                            check_every=check_every, context=context)
+    else:
+        reference = score(model, token_ids, None, context=context)
     best, best_agreement, tried = None, None, []
-    for threshold in sorted(candidates, reverse=True):
+    for threshold in ordered:
         config = EarlyExitDecodeConfig(threshold, min_layer, criterion, check_every, kv_fill)
-        result = score(model, token_ids, config, context=context)
+        result = exact.get(config.threshold) or score(model, token_ids, config, context=context)
         agreement = result.agreement(reference)
         tried.append({"threshold": threshold, "agreement": agreement,
                       "mean_layers": result.stats.mean_layers, "perplexity": result.perplexity})

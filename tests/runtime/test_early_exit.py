@@ -234,3 +234,33 @@ def test_errors_that_need_the_model(model):
         ee.generate(model, PROMPT, 0)
     with pytest.raises(LLMOptConfigError, match="target_agreement"):
         ee.calibrate_threshold(model, PROMPT, target_agreement=1.5, min_layer=1)
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "margin"])
+def test_parallel_score_is_the_token_loop_when_kv_is_exact(model, criterion):
+    """kv_fill="full" (and no exits) keep every hidden state exact, so the one-forward
+    scoring must give the token loop's exit layers, argmaxes and NLLs."""
+    text = [(11 * i + 5) % 230 for i in range(30)]
+    options = {"threshold": 0.02 if criterion == "margin" else 0.05, "min_layer": 1,
+               "criterion": criterion, "kv_fill": "full"}
+    fast = ee.score(model, text, options, context=5)
+    slow = ee.score(model, text, options, context=5, sequential=True)
+    assert fast.stats.layers_used == slow.stats.layers_used
+    assert 1 < len(set(fast.stats.layers_used))  # some exit, some do not: the decision is exercised
+    assert fast.argmax == slow.argmax
+    assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-4)
+    assert fast.stats.num_checks == slow.stats.num_checks
+
+
+def test_score_thresholds_is_score_at_each_threshold(model):
+    text = [(11 * i + 5) % 230 for i in range(30)]
+    thresholds = [0.9, 0.05, 0.0]
+    full, results = ee.score_thresholds(model, text, thresholds, min_layer=1, check_every=2, context=5)
+    assert full.nll == pytest.approx(ee.score(model, text, None, context=5).nll, rel=1e-5, abs=1e-5)
+    for threshold in thresholds:
+        one = ee.score(model, text, {"threshold": threshold, "min_layer": 1, "check_every": 2,
+                                     "kv_fill": "full"}, context=5, sequential=True)
+        assert results[threshold].stats.layers_used == one.stats.layers_used
+        assert results[threshold].argmax == one.argmax
+        assert results[threshold].nll == pytest.approx(one.nll, rel=1e-4, abs=1e-4)
+        assert results[threshold].stats.num_checks == one.stats.num_checks
