@@ -9,6 +9,16 @@ step time is reported, with the greedy tokens checked equal across the runs.
 Size 1 runs with 1 thread and with 2 threads (what one process gets out of the
 same two cores).
 
+Part 1b, measured through the engine (``--engine-prompts``, default 8):
+``LLM(model, tensor_parallel_size=N)`` for N = 1 and 2 on the same random
+Llama, 8 prompts of 32 tokens decoded greedily together (continuous
+batching), 32 new tokens each, after one warm-up request that compiles
+(size 1 with 1 thread and with all threads);
+decode tokens/s over the timed generate, the tokens checked equal across the
+sizes. At size 2 every step also pays the broadcast of its inputs and paged
+metadata from rank 0 to rank 1 (``runtime/tp_worker.py``); the engine sets one
+thread per rank on two cores (``runtime/tp_world.py``), size 1 gets both.
+
 Part 2, a model (no measurement): per decode step of one token, each rank
 reads its share of the weights and of the KV cache from HBM, and every layer
 all-reduces two hidden-size vectors (after o_proj and after down_proj); the
@@ -199,6 +209,49 @@ def cpu_runs(args) -> list[dict]:
     return runs
 
 
+def engine_runs(args) -> list[dict]:
+    from llmopt.models import load_cached
+    from llmopt.models.random_models import random_llama
+    from llmopt.runtime.llm import LLM
+    from llmopt.runtime.sampling_params import SamplingParams
+
+    tokenizer = load_cached("smollm2").tokenizer  # text only; the prompts are token ids below the vocabulary
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, args.vocab, (32,), generator=g).tolist() for _ in range(args.engine_prompts)]
+    params = SamplingParams(temperature=0, max_tokens=args.engine_tokens, ignore_eos=True)
+    runs, threads = [], torch.get_num_threads()
+    for size, size_1_threads in ((1, 1), (1, threads), (2, None)):  # size 2: the engine's own choice
+        if size_1_threads is not None:
+            torch.set_num_threads(size_1_threads)
+        print(f"engine run: tensor_parallel_size {size} ...", file=sys.stderr, flush=True)
+        model = random_llama(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+                             vocab_size=args.vocab, max_position_embeddings=1024)
+        start = time.perf_counter()
+        llm = LLM(model, tokenizer, lower=args.lower, num_kv_blocks=4 * len(prompts) + 8, tensor_parallel_size=size)
+        llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # compiles
+        build_s = time.perf_counter() - start
+        steps = llm.engine.num_steps
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        steps = llm.engine.num_steps - steps
+        first = max(o.metrics.first_token_time for o in outputs)
+        last = max(o.metrics.finished_time for o in outputs)
+        decode_tokens = sum(len(o.token_ids) - 1 for o in outputs)
+        runs.append({"size": size, "threads_per_rank": torch.get_num_threads(), "build_and_compile_s": build_s,
+                     "generate_s": elapsed, "steps": steps, "ms_per_step": elapsed / steps * 1e3,
+                     "decode_tokens_per_s": decode_tokens / (last - first),
+                     "tokens_per_s": sum(len(o.token_ids) for o in outputs) / elapsed,
+                     "tokens": [o.token_ids for o in outputs]})
+        if size > 1:
+            llm.engine.runner.shutdown()
+    torch.set_num_threads(threads)  # the engine at size 2 set one thread per rank in this process
+    for run in runs:
+        run["same_tokens_as_size_1"] = run["tokens"] == runs[0]["tokens"]
+    return runs
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -243,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--lower", default="eager", choices=("eager", "inductor"))
     parser.add_argument("--skip-cpu", action="store_true", help="only the communication model")
+    parser.add_argument("--engine-prompts", type=int, default=8, help="prompts of the engine run (0: no engine run)")
+    parser.add_argument("--engine-tokens", type=int, default=32, help="new tokens per prompt in the engine run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--notes", default="", help="appended to the record's notes")
     args = parser.parse_args(argv)
@@ -276,6 +331,17 @@ def main(argv=None) -> int:
             print(f"{run['size']:>4} {run['threads_per_rank']:>12} {run['step_ms']:>8.2f} {run['step_ms_min']:>7.2f} "
                   f"{str(run['same_tokens_as_size_1']):>12} {str(run['ranks'][0]['kv_heads_in_cache']):>14}")
 
+    engine = [] if args.skip_cpu or not args.engine_prompts else engine_runs(args)
+    if engine:
+        print(f"\nEngine run (LLM(..., tensor_parallel_size=N), {args.engine_prompts} prompts x 32 tokens, "
+              f"{args.engine_tokens} new tokens each, greedy):")
+        print(f"{'size':>4} {'threads/rank':>12} {'steps':>6} {'ms/step':>8} {'decode tok/s':>13} {'tok/s':>7} "
+              f"{'same tokens':>12}")
+        for run in engine:
+            print(f"{run['size']:>4} {run['threads_per_rank']:>12} {run['steps']:>6} {run['ms_per_step']:>8.1f} "
+                  f"{run['decode_tokens_per_s']:>13.1f} {run['tokens_per_s']:>7.1f} "
+                  f"{str(run['same_tokens_as_size_1']):>12}")
+
     record = {
         "bench": "tp",
         "machine": machine(load_start),
@@ -285,6 +351,7 @@ def main(argv=None) -> int:
                             str(k): v for k, v in GPT_FAST["tokens_per_s"].items()}}},
         "model": model,
         "cpu_runs": runs,
+        "engine_runs": engine,
         "notes": ("The GPU figures are a model, not measurements. "
                   + ("Other helpers' tests and builds were running on this 2-core machine (see the load averages): "
                      "the CPU step times are upper bounds and the size-1 vs size-2 comparison is noisy. "
