@@ -37,7 +37,6 @@ dict ``{"model": ..., "compile_options": {...}, "name": ...}`` whose
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 
 from llmopt.errors import LLMOptConfigError, check_choice, quoted
-from llmopt.runtime.cascade_rules import CONFIDENCES
+from llmopt.runtime.cascade_rules import ResponseRule, TokenRule
 
 DEFERRALS = ("token", "response")
 _GROUP = "cascade"
@@ -102,18 +101,14 @@ class Cascade:
             if confidence is not None:
                 raise LLMOptConfigError(f"{_GROUP}: confidence belongs to deferral 'response' "
                                         "(the token rule uses the small model's probability of each token)")
-            self.threshold = _real("threshold", threshold)
-            self.top_k = _int("top_k", 0 if top_k is None else top_k, 0)
-            self.num_draft_tokens = _int("num_draft_tokens", 4 if num_draft_tokens is None else num_draft_tokens, 1)
-            self.confidence = None
+            self.rule = TokenRule(threshold, 0 if top_k is None else top_k,
+                                  4 if num_draft_tokens is None else num_draft_tokens)
         else:
             for name, value in (("top_k", top_k), ("num_draft_tokens", num_draft_tokens)):
                 if value is not None:
                     raise LLMOptConfigError(f"{_GROUP}: {name} belongs to deferral 'token', not 'response'")
-            self.confidence = "mean_max_prob" if confidence is None else confidence
-            check_choice("confidence", self.confidence, CONFIDENCES, group=_GROUP)
-            self.threshold = _thresholds(threshold, len(self.models) - 1)
-            self.top_k = self.num_draft_tokens = None
+            self.rule = ResponseRule.of(threshold, len(self.models),
+                                        "mean_max_prob" if confidence is None else confidence)
 
     @classmethod
     def from_options(cls, options: "Cascade | Mapping[str, Any]") -> "Cascade":
@@ -133,11 +128,12 @@ class Cascade:
 
     def to_dict(self) -> dict:
         out = {"models": [{"model": m.label(), "compile_options": m.compile_options or {}} for m in self.models],
-               "deferral": self.deferral, "threshold": self.threshold}
+               "deferral": self.deferral}
         if self.deferral == "token":
-            out.update(top_k=self.top_k, num_draft_tokens=self.num_draft_tokens)
+            out.update(threshold=self.rule.threshold, top_k=self.rule.top_k,
+                       num_draft_tokens=self.rule.num_draft_tokens)
         else:
-            out["confidence"] = self.confidence
+            out.update(threshold=list(self.rule.thresholds), confidence=self.rule.confidence)
         return out
 
     def build_engine(self, tokenizer: Any = None, **engine_options: Any):
@@ -172,10 +168,10 @@ class Cascade:
         if self.deferral == "token":
             from llmopt.runtime.cascade_token import TokenCascadeEngine
 
-            return TokenCascadeEngine(loaded, tokenizer, config, self, name)
+            return TokenCascadeEngine(loaded, tokenizer, config, self.rule, name)
         from llmopt.runtime.cascade_response import ResponseCascadeEngine
 
-        return ResponseCascadeEngine(loaded, tokenizer, config, self, name)
+        return ResponseCascadeEngine(loaded, tokenizer, config, self.rule, name)
 
 
 def _as_model(value: Any, index: int) -> CascadeModel:
@@ -197,28 +193,6 @@ def _as_model(value: Any, index: int) -> CascadeModel:
 
         model.compile_options = _checked_compile_options(model.compile_options)
     return model
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LLMOptConfigError(f"{_GROUP}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LLMOptConfigError(f"{_GROUP}: {name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _thresholds(value: Any, count: int) -> list[float]:
-    """One threshold per model that may defer (all but the last)."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != count:
-            raise LLMOptConfigError(f"{_GROUP}: threshold lists one value per model but the last "
-                                    f"({count}), got {len(value)}")
-        return [_real("threshold", v) for v in value]
-    return [_real("threshold", value)] * count
 
 
 def _load(model: Any, config) -> tuple[torch.nn.Module, Any]:

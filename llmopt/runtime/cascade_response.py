@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from llmopt.runtime.cascade_cost import CascadeStats, ModelCost, ModelShape
 from llmopt.runtime.cascade_outputs import CascadeInfo, CascadeRequestOutput
-from llmopt.runtime.cascade_rules import response_confidence
+from llmopt.runtime.cascade_rules import ResponseRule, response_confidence
 from llmopt.runtime.engine import LLMEngine
 from llmopt.runtime.outputs import CompletionOutput
 from llmopt.runtime.sampling_params import SamplingParams
@@ -38,11 +38,11 @@ class _Request:
 class ResponseCascadeEngine:
     """The step-level API of :class:`LLMEngine`, over one engine per model."""
 
-    def __init__(self, members, tokenizer, config, cascade, model_name: str):
+    def __init__(self, members, tokenizer, config, rule: ResponseRule, model_name: str):
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
-        self.cascade = cascade
+        self.rule = rule
         start = time.perf_counter()
         self.engines = [LLMEngine(module, tokenizer, dataclasses.replace(config, compile_options=spec.compile_options),
                                   model_name=spec.label()) for spec, module in members]
@@ -53,6 +53,12 @@ class ResponseCascadeEngine:
         self._requests: dict[str, _Request] = {}
         self._next_id = 0
         self.num_steps = 0
+
+    def set_rule(self, rule: ResponseRule) -> None:
+        """Judge answers finishing from now on by another rule (benchmarks sweep it)."""
+        if not isinstance(rule, ResponseRule) or len(rule.thresholds) != len(self.engines) - 1:
+            raise TypeError(f"this cascade takes a ResponseRule with {len(self.engines) - 1} threshold(s)")
+        self.rule = rule
 
     @property
     def num_total_blocks(self) -> int:
@@ -115,9 +121,9 @@ class ResponseCascadeEngine:
                 num_out = len(completion.token_ids)
                 cost.add_tokens(0, len(request.prompt_ids) + num_out - 1, num_out)
                 cost.num_emitted += num_out
-                confidence = response_confidence(completion.logprobs or [], self.cascade.confidence)
+                confidence = response_confidence(completion.logprobs or [], self.rule.confidence)
                 request.info.confidences.append(confidence)
-                if level < last and confidence < self.cascade.threshold[level]:
+                if level < last and confidence < self.rule.thresholds[level]:
                     request.level = level + 1
                     self.engines[level + 1].add_request(output.request_id, request.prompt_ids, request.inner)
                     continue

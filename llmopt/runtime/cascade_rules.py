@@ -23,12 +23,65 @@ of the emitted tokens; a threshold <= 0 then).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from llmopt.errors import LLMOptConfigError, check_choice
 from llmopt.runtime.sampler import draw, probabilities
 
 CONFIDENCES = ("mean_max_prob", "mean_logprob")
+_GROUP = "cascade"
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """The token-level rule's settings, validated."""
+
+    threshold: float = 0.5
+    top_k: int = 0
+    num_draft_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", _real("threshold", self.threshold))
+        _int("top_k", self.top_k, 0)
+        _int("num_draft_tokens", self.num_draft_tokens, 1)
+
+
+@dataclass(frozen=True)
+class ResponseRule:
+    """The response-level rule's settings: one threshold per model that may defer."""
+
+    thresholds: tuple[float, ...]
+    confidence: str = "mean_max_prob"
+
+    def __post_init__(self) -> None:
+        check_choice("confidence", self.confidence, CONFIDENCES, group=_GROUP)
+        object.__setattr__(self, "thresholds", tuple(_real("threshold", t) for t in self.thresholds))
+
+    @classmethod
+    def of(cls, threshold: Any, num_models: int, confidence: str = "mean_max_prob") -> "ResponseRule":
+        count = num_models - 1
+        if isinstance(threshold, Sequence) and not isinstance(threshold, str):
+            if len(threshold) != count:
+                raise LLMOptConfigError(f"{_GROUP}: threshold lists one value per model but the last "
+                                        f"({count}), got {len(threshold)}")
+            return cls(tuple(threshold), confidence)
+        return cls((threshold,) * count, confidence)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LLMOptConfigError(f"{_GROUP}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LLMOptConfigError(f"{_GROUP}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def in_top_k(logits: torch.Tensor, token: int, top_k: int) -> bool:

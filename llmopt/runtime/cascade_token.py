@@ -30,7 +30,7 @@ import torch
 
 from llmopt.runtime.cascade_cost import CascadeStats, ModelCost, ModelShape
 from llmopt.runtime.cascade_outputs import CascadeInfo, CascadeRequestOutput
-from llmopt.runtime.cascade_rules import judge_candidates
+from llmopt.runtime.cascade_rules import TokenRule, judge_candidates
 from llmopt.runtime.detokenizer import IncrementalDetokenizer
 from llmopt.runtime.kv_budget import cpu_budget_bytes, gpu_budget_bytes
 from llmopt.runtime.model_runner import ModelRunner, RunnerOptions
@@ -64,12 +64,12 @@ class TokenCascadeEngine:
     """The step-level API of :class:`LLMEngine` (``add_request``, ``step``, ``abort``,
     ``has_unfinished``), so ``LLM`` and ``llmopt serve`` drive it the same way."""
 
-    def __init__(self, members, tokenizer, config, cascade, model_name: str):
+    def __init__(self, members, tokenizer, config, rule: TokenRule, model_name: str):
         (small_spec, small), (large_spec, large) = members
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
-        self.cascade = cascade
+        self.rule = rule
         self.device = config.resolved_device()
         bs = config.block_size
         start = time.perf_counter()
@@ -120,6 +120,12 @@ class TokenCascadeEngine:
                              f"{self.max_model_len} in both models ({per_slot} bytes); raise kv_cache_memory_gib "
                              "or lower max_model_len")
         return slots
+
+    def set_rule(self, rule: TokenRule) -> None:
+        """Judge the next rounds by another rule (benchmarks sweep it on one compiled engine)."""
+        if not isinstance(rule, TokenRule):
+            raise TypeError(f"a token cascade takes a TokenRule, got {type(rule).__name__}")
+        self.rule = rule
 
     @property
     def num_free_blocks(self) -> int:
@@ -172,7 +178,7 @@ class TokenCascadeEngine:
         running = list(self._running)
         if not running:
             return []
-        k = self.cascade.num_draft_tokens
+        k = self.rule.num_draft_tokens
         ks = [min(k, self.max_model_len - r.seq.num_tokens,
                   (r.params.max_tokens or self.max_model_len) - r.seq.num_output_tokens) for r in running]
         candidates, confidences = self._propose(running, ks)
@@ -184,7 +190,7 @@ class TokenCascadeEngine:
         for request, count, cands, confs in zip(running, ks, candidates, confidences):
             rows = large_logits[row:row + count]
             row += count
-            tokens, kept = judge_candidates(cands, confs, rows, self.cascade.threshold, self.cascade.top_k,
+            tokens, kept = judge_candidates(cands, confs, rows, self.rule.threshold, self.rule.top_k,
                                             request.params, request.generator)
             self._emit(request, tokens, kept, rows)
             if request.metrics.first_token_time is None:
