@@ -181,3 +181,49 @@ def test_a_step_reaches_the_workers_whole():
         assert got.dtype == want.dtype and torch.equal(got, want), name
     assert (step.max_query_len, step.max_seq_len) == (3, 19)
     assert list(step.append_masks) == [1] and torch.equal(step.append_masks[1], sent[2].append_masks[1])
+
+
+@pytest.mark.long
+def test_llmopt_serve_with_tensor_parallel_size_2(model_dir):
+    """``llmopt serve --tensor-parallel-size 2``: a greedy completion equals Hugging Face greedy's;
+    SIGTERM ends the server with exit 0, and its worker rank with it."""
+    import http.client
+    import re
+
+    import torch
+
+    from llmopt.models import load
+
+    model, tokenizer = load(model_dir)
+    ids = tokenizer("Hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                   do_sample=False)
+    text = tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    server = subprocess.Popen([PYTHON, "-m", "llmopt", "serve", "--model", model_dir, "--lower", "eager", "--port", "0",
+                               "--kv-cache-gib", "0.02", "--tensor-parallel-size", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        for line in server.stdout:
+            ready = re.search(r"ready on http://127\.0\.0\.1:(\d+)", line)
+            if ready:
+                break
+        else:
+            pytest.fail("llmopt serve exited before it was ready")
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        connection = http.client.HTTPConnection("127.0.0.1", int(ready.group(1)), timeout=120)
+        connection.request("POST", "/v1/completions", body=json.dumps(
+            {"model": model_dir, "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True}),
+            headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        assert response.status == 200, body
+        assert body["choices"][0]["text"] == text
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        assert children and _wait_gone(children) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
