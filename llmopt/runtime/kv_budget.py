@@ -20,10 +20,16 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
     return 2 * num_layers * block_size * num_kv_heads * head_dim * as_dtype(dtype).itemsize
 
 
+# The short names users type (``dtype="bf16"``), beside torch's own.
+_SHORT_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch dtype, also from its name (``"bfloat16"``)."""
+    """A torch dtype, also from its name (``"bfloat16"``) or short name (``"bf16"``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype) in _SHORT_NAMES:
+        return _SHORT_NAMES[str(dtype)]
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown KV cache dtype {dtype!r}; use a torch dtype such as torch.float16")

@@ -260,6 +260,10 @@ def test_bytes_and_blocks_for_a_budget():
         kv_budget.num_blocks_for_budget(per_block - 1, 30, 3, 64, 16, torch.float16)
     with pytest.raises(ValueError, match="unknown KV cache dtype"):
         kv_budget.num_blocks_for_budget(10**9, 30, 3, 64, 16, "float17")
+    # Short names (dtype="bf16") are the same dtypes as torch's names.
+    assert [kv_budget.as_dtype(n) for n in ("bf16", "fp16", "fp32")] == [
+        torch.bfloat16, torch.float16, torch.float32]
+    assert kv_budget.bytes_per_block(30, 3, 64, 16, "bf16") == per_block
 
 
 def test_cpu_and_gpu_budgets(monkeypatch):
