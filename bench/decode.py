@@ -22,6 +22,14 @@ Settings, all measured in one run on the same loaded model:
 The bf16 and quantized settings are not expected to give HF's fp32 tokens;
 the table says whether they do.
 
+Targets (issue 18), checked in the record's ``targets`` and printed under the
+table: fp32 ``llmopt`` at least 80% of the read-bandwidth limit, and
+``llmopt-int4`` at least 2x ``llama.cpp``. The limit is measured in the same
+run: the best of several timed reads (a sum) of one fp32 buffer the size of
+the model's weights (each tensor counted once, tied embeddings too), the
+bytes a batch-1 fp32 decode step has to stream; 1 / that time is the most
+tokens/s an fp32 decode can reach on this machine.
+
 Every setting generates exactly --max-tokens tokens (end-of-sequence is
 ignored) and must produce the same greedy tokens as hf-generate. Compilation
 starts from an empty Inductor cache unless --warm-compile-cache is given, so
@@ -97,6 +105,10 @@ def main(argv=None) -> int:
               f"{result.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr, flush=True)
         results.append(result)
     _compare_with_hf(results)
+    weight_bytes = _weight_bytes(model)
+    print(f"measuring the read-bandwidth limit ({weight_bytes / 1e6:.0f} MB of weights) ...",
+          file=sys.stderr, flush=True)
+    limit = read_bandwidth_limit(weight_bytes)
 
     record = {
         "benchmark": "decode",
@@ -115,12 +127,57 @@ def main(argv=None) -> int:
         },
         "results": [asdict(r) for r in results],
         "skipped": skipped,
+        "read_bandwidth_limit": limit,
+        "targets": _targets(results, limit),
     }
     out = write_record("decode", record, args.out)
 
     print(_table(results, record))
     print(f"wrote {out}")
     return 0
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied weights are one)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def read_bandwidth_limit(nbytes: int, repeats: int = 7) -> dict:
+    """The fastest read of an fp32 buffer of ``nbytes`` (one sum over it, all torch threads)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    buffer.sum()  # first touch: page faults are not part of a read
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"bytes": nbytes, "read_s_best": best, "read_s_median": statistics.median(times),
+            "gb_per_s": nbytes / best / 1e9, "fp32_tokens_per_s_limit": 1 / best}
+
+
+def _targets(results, limit) -> dict:
+    by_name = {r.setting: r for r in results}
+    targets = {}
+    fp32 = by_name.get("llmopt")
+    if fp32 is not None:
+        fraction = fp32.decode_tokens_per_s / limit["fp32_tokens_per_s_limit"]
+        targets["fp32_vs_read_limit"] = {
+            "tokens_per_s": fp32.decode_tokens_per_s, "limit_tokens_per_s": limit["fp32_tokens_per_s_limit"],
+            "fraction": fraction, "target": 0.8, "met": fraction >= 0.8}
+    int4, peer = by_name.get("llmopt-int4"), by_name.get("llama.cpp")
+    if int4 is not None and peer is not None:
+        ratio = int4.decode_tokens_per_s / peer.decode_tokens_per_s
+        targets["int4_vs_llama_cpp"] = {
+            "tokens_per_s": int4.decode_tokens_per_s, "llama_cpp_tokens_per_s": peer.decode_tokens_per_s,
+            "ratio": ratio, "target": 2.0, "met": ratio >= 2.0}
+    return targets
 
 
 def _run_setting(setting, model, prompt_ids, max_tokens, repeats) -> SettingResult:
@@ -294,6 +351,12 @@ def _table(results, record) -> str:
         same = "-" if r.same_tokens_as_hf is None else ("yes" if r.same_tokens_as_hf else "NO")
         lines.append(f"{r.setting:<14}{r.warmup_s:>11.1f}{r.prefill_s:>11.3f}"
                      f"{r.decode_tokens_per_s:>14.1f}{r.best_decode_tokens_per_s:>8.1f}{ratio:>8}  {same}")
+    limit = record["read_bandwidth_limit"]
+    lines += ["", f"read-bandwidth limit: {limit['bytes'] / 1e6:.0f} MB read in {limit['read_s_best'] * 1e3:.1f} ms "
+              f"({limit['gb_per_s']:.1f} GB/s): at most {limit['fp32_tokens_per_s_limit']:.1f} fp32 tokens/s"]
+    for name, t in record["targets"].items():
+        figure = f"{t['fraction']:.0%} of the limit" if "fraction" in t else f"{t['ratio']:.2f}x llama.cpp"
+        lines.append(f"target {name}: {figure} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
