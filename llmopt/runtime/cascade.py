@@ -164,7 +164,7 @@ class Cascade:
         if tokenizer is None:
             raise LLMOptConfigError(f"{_GROUP}: no tokenizer: pass tokenizer= when every model is an nn.Module")
         _check_vocabularies([m for _, m in loaded], [m.label() for m, _ in loaded])
-        name = " > ".join(m.label() for m in self.models)
+        name = "+".join(m.label() for m in self.models)  # the served model id: no spaces
         if self.deferral == "token":
             from llmopt.runtime.cascade_token import TokenCascadeEngine
 

@@ -44,7 +44,7 @@ from llmopt.runtime.stop_tokens import eos_token_ids
 _DEFAULT_MAX_MODEL_LEN = 2048  # when neither the models nor the options give a length
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in the queues by who they are
 class _Request:
     seq: Sequence  # tokens and the slot's block table
     params: SamplingParams
