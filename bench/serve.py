@@ -18,6 +18,12 @@ a contiguous allocation of the longest sequence for every request, and the
 padded batch caches HF holds. A sweep of the engine's ``max_num_seqs`` gives
 throughput against concurrency (plotted when matplotlib is installed).
 
+With ``--dtype float32 bfloat16`` the whole comparison runs once per dtype,
+in one process and record: the engine built with that ``dtype`` (weights and
+KV cache) against Hugging Face on the same weights in the same dtype (fp32
+against HF fp32, bf16 against HF bf16); each row's "vs best HF" is against
+the HF rows of its own dtype.
+
 With ``--speculative-config JSON`` the engine is built with that
 speculative_config and every concurrency runs twice, speculation off then
 on, on the same compiled engine (off: its speculator detached for the run);
@@ -26,7 +32,7 @@ the drafted / accepted counts of each run.
 
     python bench/serve.py [--requests 64] [--input-len 32 512] [--output-len 32 256]
                           [--hf-batch-sizes 8 64] [--concurrency 4 16 64] [--lower inductor]
-                          [--speculative-config '{"method": "ngram"}']
+                          [--speculative-config '{"method": "ngram"}'] [--dtype float32 bfloat16]
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class RunResult:
     concurrency: int
     kv_waste_mean: float | None = None
     same_tokens_as_llmopt: bool | None = None
+    dtype: str = "float32"  # the weights' and KV cache's (both systems of a dtype run on the same weights)
     speculation: dict | None = None  # speculation on: drafted / accepted tokens of this run
 
 
@@ -199,21 +206,24 @@ def _progress(label, done, total):
 def table(results, record) -> str:
     cfg = record["config"]
     lines = [
-        f"serving benchmark: {cfg['model']} {cfg['dtype']}, {cfg['requests']} requests, "
+        f"serving benchmark: {cfg['model']} {', '.join(cfg['dtypes'])}, {cfg['requests']} requests, "
         f"input {cfg['input_len'][0]}-{cfg['input_len'][1]}, output {cfg['output_len'][0]}-"
         f"{cfg['output_len'][1]} tokens, seed {cfg['seed']}, llmopt lower={cfg['lower']}",
         f"machine: {record['machine']['cpu_model']}, {record['machine']['threads']} threads",
         "",
-        f"{'system':<12}{'conc':>5}{'wall s':>9}{'out tok/s':>11}{'vs best HF':>11}{'TTFT p50':>10}"
+        f"{'system':<12}{'dtype':>9}{'conc':>5}{'wall s':>9}{'out tok/s':>11}{'vs best HF':>11}{'TTFT p50':>10}"
         f"{'p99':>8}{'TPOT p50 ms':>13}{'p99':>8}{'KV MiB':>9}",
     ]
-    best_hf = max((r.output_tokens_per_s for r in results if r.system.startswith("hf")), default=None)
     for r in results:
+        best_hf = max((h.output_tokens_per_s for h in results if h.system.startswith("hf")
+                       and h.dtype == r.dtype), default=None)
         ratio = f"{r.output_tokens_per_s / best_hf:.2f}x" if best_hf else "-"
-        lines.append(f"{r.system:<12}{r.concurrency:>5}{r.wall_s:>9.1f}{r.output_tokens_per_s:>11.1f}"
+        lines.append(f"{r.system:<12}{r.dtype:>9}{r.concurrency:>5}{r.wall_s:>9.1f}{r.output_tokens_per_s:>11.1f}"
                      f"{ratio:>11}{r.ttft_p50_s:>10.2f}{r.ttft_p99_s:>8.2f}{r.tpot_p50_s * 1e3:>13.1f}"
                      f"{r.tpot_p99_s * 1e3:>8.1f}{r.kv_peak_bytes / 2**20:>9.1f}")
     kv = record["kv_memory"]
+    lines += ["", "llmopt at the largest concurrency against the best HF static batching of its dtype: " + ", ".join(
+        f"{d} {x:.2f}x" for d, x in record["speedup_vs_best_hf_by_dtype"].items())]
     lines += ["", f"KV memory: llmopt peak {kv['llmopt_peak_bytes'] / 2**20:.1f} MiB in use vs "
               f"{kv['contiguous_max_len_bytes'] / 2**20:.1f} MiB for a contiguous max-length "
               f"({kv['max_len']} tokens) cache per request ({kv['llmopt_vs_contiguous']:.1%}); "
@@ -248,15 +258,62 @@ def plot(sweep, hf_results, path) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from llmopt.runtime.llm import LLM
 
     load_start = os.getloadavg()
-    llm = LLM(args.model, dtype=args.dtype, lower=args.lower, kv_cache_memory_gib=args.kv_cache_gib,
+    runs = [run_dtype(args, dtype) for dtype in args.dtype]
+    first = runs[0]
+    sweep = [r for run in runs for r in run["sweep"]]
+    spec_sweep = [r for run in runs for r in run["spec_sweep"]]
+    hf_results = [r for run in runs for r in run["hf"]]
+    record = {
+        "benchmark": "serve",
+        "machine": machine(load_start),
+        "versions": versions(),
+        "config": {"model": args.model, "dtype": args.dtype[0], "dtypes": args.dtype, "requests": args.requests,
+                   "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
+                   "text": str(args.text), "lower": args.lower, "block_size": first["block_size"],
+                   "max_num_batched_tokens": args.max_num_batched_tokens,
+                   "speculative_config": args.speculative_config,
+                   "warmup_s": first["warmup_s"],
+                   "warmup_s_by_dtype": {run["dtype"]: run["warmup_s"] for run in runs}},
+        "results": [asdict(r) for r in sweep + spec_sweep + hf_results],
+        "kv_memory": first["kv_memory"],
+        "kv_memory_by_dtype": {run["dtype"]: run["kv_memory"] for run in runs},
+    }
+    if spec_sweep:
+        record["speculation"] = {
+            "config": first["speculative_config"],
+            "on_vs_off": {str(on.concurrency): on.output_tokens_per_s / off.output_tokens_per_s
+                          for off, on in zip(first["sweep"], first["spec_sweep"])},
+            "main_run_on_vs_off": first["spec_sweep"][-1].output_tokens_per_s
+            / first["main_run"].output_tokens_per_s,
+        }
+    speedups = {run["dtype"]: run["speedup_vs_best_hf"] for run in runs if run["speedup_vs_best_hf"]}
+    record["speedup_vs_best_hf_by_dtype"] = speedups
+    if args.dtype[0] in speedups:
+        record["speedup_vs_best_hf"] = speedups[args.dtype[0]]
+    path = write_record("serve", record, args.out)
+    picture = plot(first["sweep"], first["hf"], path.with_suffix(".png"))
+    print(table(sweep + spec_sweep + hf_results, record))
+    if spec_sweep:
+        print("\nspeculation on / off throughput: " + ", ".join(
+            f"concurrency {c}: {x:.3f}x" for c, x in record["speculation"]["on_vs_off"].items()))
+    print(f"\nrecord: {path}" + (f"\nplot: {picture}" if picture else "\n(plot skipped: matplotlib missing)"))
+    return 0
+
+
+def run_dtype(args, dtype: str) -> dict:
+    """The engine sweep and the HF static batches, both on weights of ``dtype``."""
+    import gc
+
+    from llmopt.runtime.llm import LLM
+
+    llm = LLM(args.model, dtype=dtype, lower=args.lower, kv_cache_memory_gib=args.kv_cache_gib,
               max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
               speculative_config=args.speculative_config)
     engine = llm.engine
-    print(f"engine ready: warm-up/compile {engine.warmup_seconds:.1f} s, {engine.num_total_blocks} KV blocks",
-          file=sys.stderr)
+    print(f"engine ready ({dtype}): warm-up/compile {engine.warmup_seconds:.1f} s, "
+          f"{engine.num_total_blocks} KV blocks", file=sys.stderr)
     requests = make_workload(llm.tokenizer, args.requests, args.input_len, args.output_len, args.seed, args.text)
     speculator = engine.speculator  # None without --speculative-config
     modes = [None] if speculator is None else [None, speculator]
@@ -278,47 +335,29 @@ def main(argv=None) -> int:
     spec_sweep.sort(key=lambda r: r.concurrency)
     bytes_per_token = engine.runner.kv_cache.bytes_per_block // engine.config.block_size
     hf_results = []
-    for batch_size in args.hf_batch_sizes:
+    for batch_size in args.hf_batch_sizes:  # engine.model: the same weights, in the same dtype
         result, tokens = run_hf(engine.model, llm.tokenizer, requests, batch_size, bytes_per_token)
         result.same_tokens_as_llmopt = _agreement(tokens, reference)
         hf_results.append(result)
+    for r in sweep + spec_sweep + hf_results:
+        r.dtype = dtype
 
     main_run = max(sweep, key=lambda r: r.concurrency)
     max_len = args.input_len[1] + args.output_len[1]
     contiguous = len(requests) * max_len * bytes_per_token
-    record = {
-        "benchmark": "serve",
-        "machine": machine(load_start),
-        "versions": versions(),
-        "config": {"model": args.model, "dtype": args.dtype, "requests": args.requests,
-                   "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
-                   "text": str(args.text), "lower": args.lower, "block_size": engine.config.block_size,
-                   "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "speculative_config": args.speculative_config,
-                   "warmup_s": engine.warmup_seconds},
-        "results": [asdict(r) for r in sweep + spec_sweep + hf_results],
+    best_hf = max(hf_results, key=lambda r: r.output_tokens_per_s, default=None)
+    run = {
+        "dtype": dtype, "sweep": sweep, "spec_sweep": spec_sweep, "hf": hf_results, "main_run": main_run,
+        "block_size": engine.config.block_size, "warmup_s": engine.warmup_seconds,
+        "speculative_config": engine.config.speculative_config.to_dict() if spec_sweep else None,
         "kv_memory": {"llmopt_peak_bytes": main_run.kv_peak_bytes, "contiguous_max_len_bytes": contiguous,
                       "max_len": max_len, "llmopt_vs_contiguous": main_run.kv_peak_bytes / contiguous,
                       "llmopt_waste_mean": main_run.kv_waste_mean},
+        "speedup_vs_best_hf": best_hf and main_run.output_tokens_per_s / best_hf.output_tokens_per_s,
     }
-    if spec_sweep:
-        record["speculation"] = {
-            "config": engine.config.speculative_config.to_dict(),
-            "on_vs_off": {str(on.concurrency): on.output_tokens_per_s / off.output_tokens_per_s
-                          for off, on in zip(sweep, spec_sweep)},
-            "main_run_on_vs_off": spec_sweep[-1].output_tokens_per_s / main_run.output_tokens_per_s,
-        }
-    best_hf = max(hf_results, key=lambda r: r.output_tokens_per_s, default=None)
-    if best_hf:
-        record["speedup_vs_best_hf"] = main_run.output_tokens_per_s / best_hf.output_tokens_per_s
-    path = write_record("serve", record, args.out)
-    picture = plot(sweep, hf_results, path.with_suffix(".png"))
-    print(table(sweep + spec_sweep + hf_results, record))
-    if spec_sweep:
-        print("\nspeculation on / off throughput: " + ", ".join(
-            f"concurrency {c}: {x:.3f}x" for c, x in record["speculation"]["on_vs_off"].items()))
-    print(f"\nrecord: {path}" + (f"\nplot: {picture}" if picture else "\n(plot skipped: matplotlib missing)"))
-    return 0
+    del llm, engine, speculator
+    gc.collect()  # the next dtype's engine gets the memory
+    return run
 
 
 def _agreement(tokens, reference) -> bool:
@@ -329,7 +368,9 @@ def _agreement(tokens, reference) -> bool:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", nargs="+", default=["float32"],
+                   help="weights' and KV cache dtype(s); several: the comparison runs once per dtype "
+                        "(e.g. float32 bfloat16), each against HF in that dtype")
     p.add_argument("--lower", choices=("inductor", "eager"), default="inductor")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--input-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
