@@ -208,6 +208,17 @@ def _shard(weight: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tenso
     return shard
 
 
+def sharded_weights() -> list[tuple[torch.Tensor, int]]:
+    """(weight, bytes of its shards) for every weight that has a shard some compiled graph still
+    holds: what a rank may release (its graphs read the shards; a recompile finds them here)."""
+    found = []
+    for weight, entries in list(_SHARDS.items()):
+        shards = [s for s in (ref() for ref in entries.values()) if s is not None]
+        if shards:
+            found.append((weight, sum(s.untyped_storage().nbytes() for s in shards)))
+    return found
+
+
 class _Rewriter:
     def __init__(self, gm: GraphModule, ctx: PassContext, group: World, result: PassResult) -> None:
         self.gm, self.ctx, self.world, self.result = gm, ctx, group, result

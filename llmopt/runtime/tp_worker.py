@@ -167,11 +167,47 @@ class _WorkerRunner(ModelRunner):
     """A worker's runner: runs what rank 0 sends, keeps no logits."""
 
     def serve(self, control) -> None:
+        released = False
         while (received := _receive(control)) is not None:
             token_ids, positions, step, new_cache = received
             if new_cache:
                 self.allocate_kv_cache(new_cache)
             self._run(token_ids, positions, step, _NO_ROWS)
+            if not released:  # after the first (compiling) forward
+                released = True
+                held, freed = release_sharded_weights(self.model)
+                print(f"llmopt tensor-parallel rank {torch.distributed.get_rank()}: released {freed} bytes of "
+                      f"full weights the shards replace; holds {held} bytes of weights and shards",
+                      file=sys.stderr, flush=True)
+
+
+def release_sharded_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """Free the storage of every parameter of ``model`` whose shards the compiled graphs read instead,
+    so the rank holds its shards and the replicated weights only; returns (bytes held, bytes freed).
+
+    The parameters keep their shape and strides (Dynamo's guards check metadata, not data); a
+    recompile takes the shards the pass keeps per weight. A weight tied to another use (an embedding shared with
+    ``lm_head``) is kept: the other use reads it whole.
+    """
+    from llmopt.passes.shard_tensor_parallel import sharded_weights
+
+    uses: dict[int, int] = {}  # storage -> parameter slots reading it (2 for a tied embedding)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[p.untyped_storage().data_ptr()] = uses.get(p.untyped_storage().data_ptr(), 0) + 1
+    params = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
+    freed = shards = 0
+    for weight, shard_bytes in sharded_weights():
+        shards += shard_bytes
+        storage = weight.untyped_storage()
+        if uses.get(storage.data_ptr()) == 1 and storage.nbytes():
+            freed += storage.nbytes()
+            param = params[storage.data_ptr()]
+            # The loaded storage may be memory-mapped or shared (not resizable): give the parameter
+            # a fresh one of the same layout (untouched pages, never read), then empty that.
+            param.data = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+            param.untyped_storage().resize_(0)
+    held = sum(p.untyped_storage().nbytes() for p in model.parameters()) + shards
+    return held, freed
 
 
 def _serve(model: torch.nn.Module, options: RunnerOptions, world: TensorParallelWorld) -> None:

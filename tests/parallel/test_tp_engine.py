@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from llmopt.errors import LLMOptConfigError
+from llmopt.models import load
 from llmopt.parallel.launch import free_port
 from llmopt.runtime.engine_config import EngineConfig
 from tiny_hf import save_tiny_llama
@@ -35,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 MAIN = HERE / "tp_engine_main.py"
 ROOT = HERE.parents[1]
 PYTHON = sys.executable
+# the engine's lm_head runs outside the compiled graph, replicated: these are the layers split
+DECODER_SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -85,6 +89,12 @@ def test_size_2_gives_one_process_greedy_tokens_and_its_workers_exit(model_dir, 
     cores = len(os.sched_getaffinity(0))
     assert result["threads"] == max(1, cores // 2)
     assert _wait_gone(result["worker_pids"], 5) == []  # rank 0 exited normally: its worker too
+    # the worker let go of the full q/k/v/o/gate/up/down weights: it holds its halves and the rest
+    released, held = map(int, re.search(r"rank 1: released (\d+) bytes .* holds (\d+) bytes", done.stderr).groups())
+    model = load(model_dir).model
+    sharded = sum(p.numel() * 4 for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in DECODER_SHARDED)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert released == sharded and held == total - sharded // 2
 
 
 def test_killed_rank_0_leaves_no_worker_behind(model_dir):
@@ -149,8 +159,6 @@ def test_llmopt_generate_with_tensor_parallel_size_2(model_dir):
     """``llmopt generate --tensor-parallel-size 2`` prints Hugging Face greedy decoding's reply."""
     import torch
 
-    from llmopt.models import load
-
     model, tokenizer = load(model_dir)
     ids = tokenizer("Hello", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -191,8 +199,6 @@ def test_llmopt_serve_with_tensor_parallel_size_2(model_dir):
     import re
 
     import torch
-
-    from llmopt.models import load
 
     model, tokenizer = load(model_dir)
     ids = tokenizer("Hello", return_tensors="pt").input_ids
