@@ -16,6 +16,11 @@ A step packs the new tokens of N sequences into one flat batch:
 * ``max_query_len`` / ``max_seq_len``: upper bounds of the per-sequence new-token counts
   and ``seq_lens`` (they size the GPU grids; ``max_query_len == 1`` selects decode).
 * ``scale`` None means ``1 / sqrt(D)``.
+* ``append_masks`` (the Python CPU and ``gather_sdpa`` paths only, not the op's schema):
+  ``{sequence index: (q_len, q_len) bool}`` replaces the causal rule among that sequence's
+  new tokens: row ``r`` sees the cached prefix and the new tokens ``c`` with
+  ``mask[r, c]`` (a token tree: tree speculation, lookahead decoding). The tokens'
+  positions come from the caller (RoPE), not from their order.
 
 The op first writes ``k[t]``, ``v[t]`` into the caches at ``slot_mapping[t]``, then for
 sequence ``i`` with ``q_len`` new tokens and ``seq_len`` total, query row ``r`` sits at
@@ -222,7 +227,7 @@ def _paged_attention_cpu(q, k, v, k_cache, v_cache, slot_mapping, block_tables, 
 
 
 def _paged_attention_gather_sdpa(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
-                                 query_start_loc, scale):
+                                 query_start_loc, scale, append_masks=None):
     """Plain PyTorch on any device (the CUDA default until the Triton kernels have a
     GPU record): write the cache, then per sequence gather its blocks and run
     ``scaled_dot_product_attention`` with ``enable_gqa`` and a bottom-right causal
@@ -242,11 +247,14 @@ def _paged_attention_gather_sdpa(q, k, v, k_cache, v_cache, slot_mapping, block_
         keys = k_cache.index_select(0, blocks).reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1)
         values = v_cache.index_select(0, blocks).reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1)
         mask = None
-        if 1 < q_len < seq_len:  # bottom-right causal; q_len == seq_len is the kernel's own causal mode
+        if append_masks and i in append_masks:
+            mask = append_mask(append_masks[i], seq_len, torch.bool).to(q.device)[0, 0]
+        elif 1 < q_len < seq_len:  # bottom-right causal; q_len == seq_len is the kernel's own causal mode
             rows = torch.arange(q_len, device=q.device).unsqueeze(1)
             mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows + (seq_len - q_len)
         o = sdpa(q[q0:q1].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                 is_causal=q_len == seq_len and q_len > 1, scale=scale, enable_gqa=q_heads != kv_heads)
+                 is_causal=mask is None and q_len == seq_len and q_len > 1, scale=scale,
+                 enable_gqa=q_heads != kv_heads)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
 
@@ -337,13 +345,17 @@ _DECODE_GROUP = 16  # sequences per batched decode call (PyTorch path)
 
 
 def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
-                  num_tokens: int, dtype) -> CpuStepPlan:
+                  num_tokens: int, dtype, append_masks=None) -> CpuStepPlan:
+    """``append_masks``: ``{sequence index: (q_len, q_len) bool}``, see the module's contract."""
     table = block_tables.to(torch.int64)
     decode, prefills = [], []
     for i, q0, q1, seq_len, nb in _sequence_spans(block_tables, seq_lens, query_start_loc,
                                                  block_size, num_tokens):
         q_len = q1 - q0
-        if q_len == 1:
+        if append_masks and i in append_masks:
+            prefills.append(_PrefillPlan(q0, q1, seq_len, table[i, :nb],
+                                         append_mask(append_masks[i], seq_len, dtype)))
+        elif q_len == 1:
             decode.append((q0, seq_len, nb, i))
         else:
             mask = None if q_len == seq_len else _bottom_right_mask(q_len, seq_len, dtype)
@@ -440,3 +452,20 @@ def _bottom_right_mask(q_len: int, seq_len: int, dtype) -> Tensor:
     cols = torch.arange(seq_len).unsqueeze(0)
     hidden = cols > rows + (seq_len - q_len)
     return torch.zeros((q_len, seq_len), dtype=dtype).masked_fill_(hidden, float("-inf"))[None, None]
+
+
+def append_mask(visible: Tensor, seq_len: int, dtype) -> Tensor:
+    """(1, 1, q_len, seq_len) mask: every row sees the cached prefix, and among the new
+    tokens those ``visible`` (q_len, q_len) marks. Additive (0 / -inf) for a float
+    ``dtype``, boolean (True: attend) for ``torch.bool``."""
+    q_len = visible.shape[0]
+    if tuple(visible.shape) != (q_len, q_len) or q_len > seq_len:
+        _fail(f"an append mask must be (q_len, q_len) with q_len <= seq_len ({seq_len}), "
+              f"got {tuple(visible.shape)}")
+    if not bool(visible.diagonal().all()):
+        _fail("an append mask must let every new token see itself (its diagonal all True)")
+    seen = torch.ones((q_len, seq_len), dtype=torch.bool)
+    seen[:, seq_len - q_len:] = visible.to(device="cpu", dtype=torch.bool)
+    if dtype == torch.bool:
+        return seen[None, None]
+    return torch.zeros((q_len, seq_len), dtype=dtype).masked_fill_(~seen, float("-inf"))[None, None]

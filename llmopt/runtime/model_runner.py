@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmopt.runtime import token_tree
 from llmopt.runtime.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
 from llmopt.runtime.scheduler import ScheduledSequence
 
@@ -96,7 +97,10 @@ class ModelRunner:
         each, or 1 + its number of drafts for a sequence verifying drafts (the rows that
         predict each draft, then the one after the last)."""
         token_ids, positions, slots, starts, seq_lens, logit_rows = [], [], [], [0], [], []
-        for item in scheduled:
+        trees = {}  # sequence index -> who sees whom among its fed tokens (drafts as a tree)
+        for i, item in enumerate(scheduled):
+            if item.draft_parents is not None:
+                trees[i] = token_tree.ancestor_mask(list(item.draft_parents))
             token_ids += item.token_ids
             positions += item.positions
             slots += item.slot_mapping
@@ -105,7 +109,7 @@ class ModelRunner:
             if item.samples:
                 logit_rows.extend(range(starts[-1] - 1 - item.num_draft_tokens, starts[-1]))
         return self._run_packed(token_ids, positions, slots, starts, seq_lens,
-                                [item.seq.block_table for item in scheduled], logit_rows)
+                                [item.seq.block_table for item in scheduled], logit_rows, trees or None)
 
     def execute_packed(self, items: list[tuple[list[int], int, list[int]]], block_size: int) -> Tensor:
         """Logits of the last token of each ``(token_ids, start position, block table)``:
@@ -122,7 +126,8 @@ class ModelRunner:
         return self._run_packed(token_ids, positions, slots, starts, seq_lens,
                                 [table for _, _, table in items], logit_rows)
 
-    def _run_packed(self, token_ids, positions, slots, starts, seq_lens, tables, logit_rows) -> Tensor:
+    def _run_packed(self, token_ids, positions, slots, starts, seq_lens, tables, logit_rows,
+                    append_masks=None) -> Tensor:
         num_real = len(token_ids)
         pad = max(0, _MIN_TOKENS - num_real)
         token_ids = token_ids + [0] * pad
@@ -136,7 +141,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             query_start_loc=torch.tensor(starts, dtype=torch.int32),
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
-            max_seq_len=max(seq_lens))
+            max_seq_len=max(seq_lens), append_masks=append_masks)
         return self._run(torch.tensor(token_ids), torch.tensor(positions), step,
                          torch.tensor(logit_rows, dtype=torch.long))
 
@@ -145,7 +150,7 @@ class ModelRunner:
         device = self.device
         step = PagedStep(*(t.to(device, non_blocking=True) for t in (
             step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc)),
-            step.max_query_len, step.max_seq_len)
+            step.max_query_len, step.max_seq_len, append_masks=step.append_masks)
         input_ids = token_ids.to(device)[None]
         position_ids = positions.to(device)[None]
         torch._dynamo.maybe_mark_dynamic(input_ids, 1)

@@ -58,6 +58,9 @@ class PagedStep:
     max_query_len: int
     max_seq_len: int
     cpu_plan: object = None  # computed by the first layer on the CPU path, shared by the rest
+    # {sequence index: (q_len, q_len) bool}: who sees whom among that sequence's new tokens
+    # (a token tree, e.g. lookahead decoding) instead of causal order; None: causal.
+    append_masks: dict | None = None
 
 
 @dataclass
@@ -133,10 +136,15 @@ def paged_attention_layer(q: Tensor, k: Tensor, v: Tensor, layer: str, scale: fl
         if step.cpu_plan is None:
             step.cpu_plan = _paged.plan_cpu_step(
                 step.block_tables, step.seq_lens, step.query_start_loc, cache.block_size,
-                cache.num_blocks, q.shape[0], q.dtype)
+                cache.num_blocks, q.shape[0], q.dtype, step.append_masks)
         return _paged.paged_attention_cpu_planned(q.contiguous(), k.contiguous(), v.contiguous(),
                                                   k_cache, v_cache, step.slot_mapping, step.cpu_plan,
                                                   scale, native=impl == "native")
+    if step.append_masks:
+        # Masks are not in the op's schema (nor the Triton kernels): the plain-PyTorch path.
+        return _paged._paged_attention_gather_sdpa(
+            q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, step.slot_mapping,
+            step.block_tables, step.seq_lens, step.query_start_loc, scale, step.append_masks)
     return torch.ops.llmopt.paged_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, step.slot_mapping,
         step.block_tables, step.seq_lens, step.query_start_loc, step.max_query_len,

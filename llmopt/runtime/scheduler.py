@@ -26,7 +26,10 @@ verified tokens (the accepted drafts and one token from the target). Its
 ``num_computed_tokens`` then counts only verified positions and its block
 table is cut back to the blocks that hold them, so blocks that held only
 rejected tokens go back to the pool; the K/V slots of rejected tokens left
-in a kept block are overwritten by the next step.
+in a kept block are overwritten by the next step. Drafts laid out as a
+token tree (``seq.draft_parents``, lookahead decoding) are fed the same way;
+their item carries the tree, which sets their positions and who attends to
+whom (``runtime/token_tree.py``).
 
 The scheduler knows nothing of sampling: ``update`` takes the sampled token
 ids and asks ``finish_check`` (stop tokens, stop strings) whether a sequence
@@ -39,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from llmopt.runtime import token_tree
 from llmopt.runtime.block_manager import BlockManager
 from llmopt.runtime.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -101,6 +105,9 @@ class ScheduledSequence:
     slot_mapping: list[int]
     samples: bool  # the step reaches the last token: a token is sampled from its logits
     num_draft_tokens: int = 0  # drafts fed after the last token, verified by this step
+    # The drafts as a token tree (``runtime/token_tree.py``): each draft's parent among the
+    # fed tokens; None: a chain. Sets the positions and the attention among the fed tokens.
+    draft_parents: tuple[int, ...] | None = None
 
     @property
     def request_id(self) -> str:
@@ -112,8 +119,10 @@ class ScheduledSequence:
         return self.start + self.num_scheduled_tokens
 
     @property
-    def positions(self) -> range:
-        return range(self.start, self.end)
+    def positions(self) -> range | list[int]:
+        if self.draft_parents is None:
+            return range(self.start, self.end)
+        return [self.start + depth for depth in token_tree.depths(list(self.draft_parents))]
 
 
 @dataclass
@@ -268,12 +277,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             drafts, seq.draft_token_ids = seq.draft_token_ids, []
+            parents, seq.draft_parents = seq.draft_parents, None
             num_new = self._chunk(seq.num_new_tokens, budget)
             if drafts and seq.num_new_tokens == 1:
                 drafts = drafts[:min(budget - 1, self.max_model_len - seq.num_tokens)]
                 if drafts and self.block_manager.can_allocate(seq, 1 + len(drafts)):
                     self.block_manager.allocate(seq, 1 + len(drafts))
-                    self._add_scheduled(output, seq, 1, drafts)
+                    self._add_scheduled(output, seq, 1, drafts, parents)
                     budget -= 1 + len(drafts)
                     i += 1
                     continue
@@ -322,20 +332,25 @@ class Scheduler:
         return min(num, threshold) if threshold is not None else num
 
     def _add_scheduled(self, output: SchedulerOutput, seq: Sequence, num_new: int,
-                       drafts: list[int] | None = None) -> None:
+                       drafts: list[int] | None = None, parents: list[int] | None = None) -> None:
         start = seq.num_computed_tokens
         drafts = drafts or []
+        tree = None
+        if parents is not None and not token_tree.is_chain(parents[:len(drafts)]):
+            tree = tuple(parents[:len(drafts)])  # a cut-short tree is still a tree
         output.scheduled.append(ScheduledSequence(
             seq=seq, start=start, num_scheduled_tokens=num_new + len(drafts),
             token_ids=seq.token_ids(start, start + num_new) + drafts,
             slot_mapping=self.block_manager.slot_mapping(seq, start, num_new + len(drafts)),
-            samples=start + num_new == seq.num_tokens, num_draft_tokens=len(drafts)))
+            samples=start + num_new == seq.num_tokens, num_draft_tokens=len(drafts),
+            draft_parents=tree))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_draft_computed = 0
         seq.draft_token_ids = []
+        seq.draft_parents = None
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         # Victims are taken newest first, so the front stays in arrival order.

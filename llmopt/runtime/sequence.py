@@ -54,6 +54,8 @@ class Sequence:
         draft_token_ids: tokens a drafter proposes after the last one, for
             the next step to verify (speculative decoding); the scheduler
             takes them (all, some or none) and clears the list.
+        draft_parents: the drafts as a token tree (``runtime/token_tree.py``,
+            lookahead decoding), or None for a chain; cleared with them.
         num_draft_computed: leading positions whose K/V a separate draft
             model holds (its own cache); 0 after a preemption.
     """
@@ -72,6 +74,7 @@ class Sequence:
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     draft_token_ids: list[int] = field(default_factory=list, repr=False)
+    draft_parents: list[int] | None = field(default=None, repr=False)
     num_draft_computed: int = 0
 
     def __post_init__(self) -> None:

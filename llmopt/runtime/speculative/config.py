@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from llmopt.errors import LLMOptConfigError, check_bool, check_choice, checked_fields
 
-METHODS = ("ngram", "draft_model", "layer_skip")
+METHODS = ("ngram", "draft_model", "layer_skip", "lookahead")
+_LOOKAHEAD_FIELDS = ("window", "ngram", "guesses")
 _GROUP = "speculative_config"
 
 
@@ -25,7 +26,9 @@ class SpeculativeConfig:
         method: ``"ngram"`` (prompt lookup over the prompt and the output so
             far), ``"draft_model"`` (a smaller model with the target's
             vocabulary) or ``"layer_skip"`` (the target's first
-            ``num_layers`` decoder layers + final norm + ``lm_head``).
+            ``num_layers`` decoder layers + final norm + ``lm_head``) or
+            ``"lookahead"`` (lookahead / Jacobi decoding, no drafter: see
+            ``lookahead.py``; greedy requests only, sampled ones decode plainly).
         num_speculative_tokens: k, the most tokens drafted per sequence and step.
         prompt_lookup_min / prompt_lookup_max: n-gram sizes tried (longest
             first) when looking the sequence's last tokens up in its history.
@@ -34,6 +37,12 @@ class SpeculativeConfig:
         model_options: the draft's compile options, e.g. ``{"quantize": "int4"}``.
         num_layers: the draft's decoder layers (``layer_skip``), in
             ``[1, target layers)``.
+        window: W (``lookahead``), Jacobi window positions per level, in [1, 64].
+        ngram: N (``lookahead``), the n-gram size, in [2, 16]: the window keeps
+            N - 1 levels and a step accepts at most N - 1 tokens plus one.
+        guesses: G (``lookahead``), the most candidate n-grams verified per
+            step, in [0, 64] (0: the window runs but nothing is verified).
+            One lookahead step feeds 1 + (W + G) * (N - 1) tokens.
         adaptive: choose k per sequence from its recent acceptance (0
             switches the sequence off for a while).
         disable_by_batch_size: speculate only while fewer sequences than this
@@ -48,6 +57,9 @@ class SpeculativeConfig:
     model: Any = None
     model_options: dict = field(default_factory=dict)
     num_layers: int | None = None
+    window: int | None = None
+    ngram: int | None = None
+    guesses: int | None = None
     adaptive: bool = True
     disable_by_batch_size: int | None = 8
 
@@ -81,6 +93,17 @@ class SpeculativeConfig:
         elif self.num_layers is not None:
             raise LLMOptConfigError(f"{_GROUP}: num_layers belongs to method 'layer_skip', "
                                     f"not {self.method!r}")
+        if self.method == "lookahead":
+            defaults = {"window": 5, "ngram": 4, "guesses": 5}
+            for name, low, high in (("window", 1, 64), ("ngram", 2, 16), ("guesses", 0, 64)):
+                if getattr(self, name) is None:
+                    setattr(self, name, defaults[name])
+                _check_int(name, getattr(self, name), low, high)
+        else:
+            given = [name for name in _LOOKAHEAD_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise LLMOptConfigError(f"{_GROUP}: {', '.join(given)} belong to method "
+                                        f"'lookahead', not {self.method!r}")
 
     @classmethod
     def from_options(cls, options: "SpeculativeConfig | Mapping[str, Any] | None"
@@ -99,6 +122,8 @@ class SpeculativeConfig:
         return out
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise LLMOptConfigError(f"{_GROUP}: {name} must be an int >= {minimum}, got {value!r}")
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum \
+            or (maximum is not None and value > maximum):
+        wanted = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise LLMOptConfigError(f"{_GROUP}: {name} must be an int {wanted}, got {value!r}")

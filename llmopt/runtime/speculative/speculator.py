@@ -138,6 +138,10 @@ class Speculator:
 
 def build_speculator(config: SpeculativeConfig, target_model: torch.nn.Module, target_runner,
                      num_blocks: int, engine_config) -> Speculator:
+    if config.method == "lookahead":
+        from llmopt.runtime.speculative.lookahead import LookaheadSpeculator
+
+        return LookaheadSpeculator(config, target_runner, SpecStats())
     if config.method == "ngram":
         return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max),
                           reserves_slots=False)
