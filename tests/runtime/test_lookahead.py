@@ -243,3 +243,13 @@ def test_lookahead_fields_belong_to_lookahead():
         SpeculativeConfig.from_options(dict(method="ngram", window=4))
     config = SpeculativeConfig.from_options(dict(method="lookahead"))
     assert (config.window, config.ngram, config.guesses) == (5, 4, 5)
+
+
+def test_the_engine_builds_lookahead_from_speculative_config(tiny_vocab):
+    from llmopt.runtime.speculative.speculator import build_speculator
+
+    engine = tiny_vocab.engine
+    config = SpeculativeConfig.from_options(_lookahead(2, 3, 1))
+    speculator = build_speculator(config, engine.model, engine.runner, engine.num_total_blocks, engine.config)
+    assert isinstance(speculator, LookaheadSpeculator)
+    assert (speculator.window, speculator.ngram, speculator.guesses) == (2, 3, 1)
