@@ -17,10 +17,19 @@ go through the head, so a prefill does not compute T x vocab logits.
 Shapes: T is marked dynamic, so one graph serves every step; Dynamo would
 still specialise T == 1 (a single decoding sequence), so such steps get one
 padding token (written nowhere, attending nowhere) instead of a recompile.
+
+Guards: every step runs Dynamo's guard checks before the graph. The runner
+keeps those on its inputs (``input_ids``, ``position_ids``: dtype, device,
+dispatch keys, the dynamic T), on globals and on global state, and drops the
+ones on itself and its model (``L['self']...``: module types and ids,
+attribute values, hook dicts, the weights' tensor checks), which hold for as
+long as the engine's model is not changed after it was built — the engine's
+contract, argued in docs/ARCHITECTURE.md ("Guards of the served step").
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +65,8 @@ class ModelRunner:
         self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False,
                                        options={**(options.compile_options or {}),
                                                 "paged_kv": True, "lower": options.lower,
-                                                "kernels": options.kernels})
+                                                "kernels": options.kernels,
+                                                "guard_filter_fn": keep_step_guards})
         self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
 
     # ---- set-up ----------------------------------------------------------
@@ -167,6 +177,25 @@ class ModelRunner:
                                 use_cache=False).last_hidden_state
         out = self.model(input_ids, position_ids)
         return out.logits if hasattr(out, "logits") else out
+
+
+def keep_step_guards(entries) -> list[bool]:
+    """Dynamo's ``guard_filter_fn`` for the served step: every guard but the runner's module guards.
+
+    Kept: guards on the step's inputs (dtype, device, dispatch keys, sizes,
+    the dynamic T, their not aliasing the model's buffers) and on globals and
+    global state (grad and inference mode, default dtype, torch function
+    modes). Dropped: the guards under ``L['self']``, the runner and the model
+    it holds (module types, object ids, attribute values such as
+    ``training``, the weights' dtype/shape/device and dimension markings),
+    which the engine's contract keeps true (see the module docstring).
+    """
+    return [not _ON_SELF.search(entry.name) for entry in entries]
+
+
+# A guard's source names the runner as the local ``self`` (``self['layers']...``,
+# ``dict(type(self...``); inputs are ``input_ids`` / ``position_ids``, globals ``G[...]``.
+_ON_SELF = re.compile(r"(^|\()self\b")
 
 
 def _split_head(model: torch.nn.Module):
