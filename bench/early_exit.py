@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only decode tokens/s: plain and each threshold interleaved, --repeats rounds")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
@@ -159,6 +162,29 @@ def _print_row(row) -> None:
     print(_row_text(row), flush=True)
 
 
+def speed(model, prompts, args) -> list[dict]:
+    """Decode tokens/s of plain and each threshold, interleaved round by round (the load
+    drifts on a shared machine: each round's speedup is against that round's plain run)."""
+    settings = [None] + list(args.thresholds)
+    runs = {s: [] for s in settings}
+    for _ in range(args.repeats):
+        for setting in settings:
+            config = None if setting is None else _config(args, setting, "copy")
+            runs[setting].append(_decode(model, prompts, args, config))
+    rows = []
+    for setting in settings:
+        rates = [r["tokens_per_s"] for r in runs[setting]]
+        ratios = sorted(r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs[setting], runs[None]))
+        rows.append({"threshold": setting, "tokens_per_s": sorted(rates)[len(rates) // 2], "all_tokens_per_s": rates,
+                     "speedup_median": ratios[len(ratios) // 2], "speedups": ratios,
+                     "decode_layers": runs[setting][0]["mean_layers"],
+                     "checks_per_token": runs[setting][0]["checks_per_token"]})
+        print(f"| {'plain' if setting is None else setting} | {rows[-1]['decode_layers']:.1f} | "
+              f"{rows[-1]['checks_per_token']:.2f} | {rows[-1]['tokens_per_s']:.2f} | "
+              f"{rows[-1]['speedup_median']:.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) |", flush=True)
+    return rows
+
+
 def calibrate(model, tokenizer, args) -> dict:
     ids = _ids(tokenizer, CALIBRATION)[:args.calibration_tokens]
     grid = sorted(set(args.thresholds) | set(ee.DEFAULT_CANDIDATES) | {0.999, 0.995, 0.98}, reverse=True)
@@ -239,6 +265,20 @@ def main(argv=None) -> None:
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     heldout = _ids(tokenizer, HELD_OUT)
     prompts = _prompts(heldout, args)
+    if args.speed_only:
+        print("| setting | decode layers | checks/token | tokens/s (median) | speedup (median; each round) |")
+        print("| --- | --- | --- | --- | --- |")
+        rows = speed(model, prompts, args)
+        record = {"benchmark": "early_exit_speed", "note": NOTE, "machine": machine(load_start),
+                  "versions": versions(), "rows": rows,
+                  "settings": {"model": "smollm2 fp32", "criterion": args.criterion, "min_layer": args.min_layer,
+                               "check_every": args.check_every, "prompts": args.prompts,
+                               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                               "repeats": args.repeats, "threads": torch.get_num_threads(), "compile": False,
+                               "batch": 1, "kv_fill": "copy"}}
+        print(f"record: {write_record('early_exit_speed', record, args.out)}")
+        print(f"load average start {load_start}, end {os.getloadavg()}")
+        return
     calibration = calibrate(model, tokenizer, args)
     thresholds = list(args.thresholds)
     if calibration["threshold"] is not None and calibration["threshold"] not in thresholds:
