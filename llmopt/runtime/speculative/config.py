@@ -45,9 +45,18 @@ class SpeculativeConfig:
             One lookahead step feeds 1 + (W + G) * (N - 1) tokens.
         adaptive: choose k per sequence from its recent acceptance (0
             switches the sequence off for a while).
-        disable_by_batch_size: speculate only while fewer sequences than this
-            run (verifying drafts costs compute a large batch no longer has
-            spare); None: always.
+        disable_by_batch_size: no drafts in a step while this many sequences
+            or more run; None: always speculate. A verification step feeds
+            1 + k tokens per sequence: in a small batch the step is bound by
+            reading the weights and the extra rows cost little, but as the
+            batch grows the step becomes compute-bound and verifying costs
+            nearly 1 + k plain steps, which the kept drafts no longer repay.
+            The default is the smallest batch at which, measured
+            (``bench/spec_batch_cost.py``, docs/PERFORMANCE.md), verifying
+            2 drafts per sequence needs a higher acceptance to break even
+            than n-gram lookup reaches on text that does not copy its input;
+            below it the per-sequence adaptive k switches off sequences whose
+            drafts fail.
     """
 
     method: str = "ngram"
