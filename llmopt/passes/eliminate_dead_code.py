@@ -7,6 +7,7 @@ import operator
 from torch.fx import GraphModule, Node
 
 from llmopt.passes.base import GraphPass, PassContext, PassResult
+from llmopt.passes.graph_utils import nested_graph_modules
 
 
 _IMPURE_OPERATORS = {getattr(operator, name) for name in (
@@ -33,7 +34,11 @@ class EliminateDeadCode(GraphPass):
     name = "eliminate_dead_code"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code(is_impure_node=_has_side_effects)
-        removed = before - len(gm.graph.nodes)
+        removed = 0
+        for module in (gm, *nested_graph_modules(gm)):  # checkpointed layers' bodies too
+            before = len(module.graph.nodes)
+            module.graph.eliminate_dead_code(is_impure_node=_has_side_effects)
+            removed += before - len(module.graph.nodes)
+            if module is not gm:
+                module.recompile()
         return PassResult(notes=[f"removed {removed} dead nodes"] if removed else [])

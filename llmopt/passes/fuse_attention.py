@@ -26,8 +26,16 @@ from llmopt.passes.attention_match import (
     match_sdpa,
     match_softmax_attention,
 )
+from llmopt.passes.fuse_attention_masks import fold_causal_mask
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, is_op, module_path, propagate_fake
+from llmopt.passes.graph_utils import (
+    copy_location_meta,
+    fake_value,
+    is_op,
+    module_path,
+    nested_graph_modules,
+    propagate_fake,
+)
 
 KIND = "attention"
 
@@ -40,8 +48,17 @@ class FuseAttention(GraphPass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
-        for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node not in gm.graph.nodes:
+        # checkpointed decoder layers (training with recompute) are nested graphs
+        for module in (gm, *nested_graph_modules(gm)):
+            self._run_graph(module.graph, ctx, result)
+            if module is not gm:
+                module.graph.lint()
+                module.recompile()
+        return result
+
+    def _run_graph(self, graph: Graph, ctx: PassContext, result: PassResult) -> None:
+        for node in list(graph.nodes):
+            if node.graph is not graph or node not in graph.nodes:
                 continue
             if is_op(node, "sdpa"):
                 matcher, label = match_sdpa, "sdpa"
@@ -60,9 +77,10 @@ class FuseAttention(GraphPass):
             except ValueError as why:  # e.g. kernels.attention="triton" for CPU inputs
                 result.skipped.append(Skipped(KIND, location, f"{label}: {why}"))
                 continue
-            replace_with_attention(gm.graph, site, impl)
-            result.rewrites.append(Rewrite(KIND, location, describe(site), impl=impl))
-        return result
+            folded = fold_causal_mask(site)  # a shape-only mask that is causal: no mask to read
+            replace_with_attention(graph, site, impl)
+            detail = describe(site) + (" (constant mask proven causal)" if folded else "")
+            result.rewrites.append(Rewrite(KIND, location, detail, impl=impl))
 
 
 def attention_impl(config, device: torch.device) -> str:

@@ -101,12 +101,15 @@ def normalize_source(text: str) -> str:
 
     ``L['self']._modules['model']._modules['layers']._modules['0']``,
     ``L['self'].model.layers[0]`` and ``L['args'][0].model.layers[0]`` all
-    become ``model.layers.0``.
+    become ``model.layers.0`` (and so does the path through a wrapper's closure).
     """
     text = re.sub(r"^L\['([^']*)'\]", r"\1", text)
     text = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", text)
     text = re.sub(r"\['([^']*)'\]", r".\1", text)
     text = re.sub(r"\[(\d+)\]", r".\1", text)
+    # A wrapped forward (e.g. a checkpointed decoder layer) reaches its module through
+    # the wrapper's closure: ``layers.0.forward.__closure__.1.cell_contents.__self__``.
+    text = re.sub(r"\.forward\.__closure__\.\d+\.cell_contents\.__self__", "", text)
     # The compiled module itself is ``self``, or ``args[0]`` when Dynamo traces
     # a ``*args`` wrapper around its forward (recent transformers do this).
     for root in ("self", "args.0"):
@@ -115,6 +118,24 @@ def normalize_source(text: str) -> str:
         if text.startswith(root + "."):
             return text[len(root) + 1:]
     return text
+
+
+def nested_graph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """The graphs ``gm``'s higher-order ops run, nested ones included, e.g. the body of
+    each decoder layer that ``torch.utils.checkpoint`` wraps (Dynamo puts it in a
+    ``wrap_body_N`` submodule called through ``tag_activation_checkpoint``). Passes that
+    look for regions inside layers must look there too."""
+    found: list[torch.fx.GraphModule] = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = gm
+        for part in str(node.target).split("."):
+            target = getattr(target, part, None)
+        if isinstance(target, torch.fx.GraphModule) and target not in found:
+            found.append(target)
+            found.extend(m for m in nested_graph_modules(target) if m not in found)
+    return found
 
 
 def module_path(node: Node) -> str:

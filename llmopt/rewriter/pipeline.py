@@ -23,7 +23,7 @@ from llmopt.passes.page_kv_cache import PageKVCache
 from llmopt.passes.prune_linear import PruneLinear
 from llmopt.passes.quantize_linear import QuantizeLinear
 from llmopt.passes.shard_tensor_parallel import ShardTensorParallel
-from llmopt.passes.graph_utils import fake_value, known_equal
+from llmopt.passes.graph_utils import fake_value, known_equal, nested_graph_modules
 from llmopt.rewriter.log import logger, warn_fallback
 from llmopt.rewriter.report import GraphReport, PassRecord
 
@@ -61,7 +61,10 @@ def run_pipeline(gm: GraphModule, ctx: PassContext, report: GraphReport) -> Grap
 
 def _run_one(graph_pass: GraphPass, gm: GraphModule, ctx: PassContext, index: int) -> PassRecord:
     record = PassRecord(graph_pass.name, "ran")
+    # nested graphs (checkpointed layers' bodies) are edited in place too
+    nested = nested_graph_modules(gm)
     snapshot = _clone_graph(gm.graph)
+    nested_snapshots = [_clone_graph(module.graph) for module in nested]
     expected = _output_signature(gm)
     _log_graph(f"graph {index} before {graph_pass.name}", gm)
     start = time.perf_counter()
@@ -74,6 +77,9 @@ def _run_one(graph_pass: GraphPass, gm: GraphModule, ctx: PassContext, index: in
     except Exception as error:  # noqa: BLE001 - any failure means: undo this pass
         gm.graph = snapshot
         gm.recompile()
+        for module, graph in zip(nested, nested_snapshots):
+            module.graph = graph
+            module.recompile()
         record.status = f"failed: {type(error).__name__}: {error}"
         if getattr(error, "fatal", False):  # e.g. tensor parallelism that cannot split the graph
             raise

@@ -194,13 +194,17 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     def model_inputs(self, batch: dict) -> dict:
         """The forward's keyword arguments: with packing, a block-diagonal causal
-        4-D boolean mask (no attention across documents) and per-document position ids."""
+        4-D boolean mask (no attention across documents) and per-document position ids;
+        without, the padding mask, left out when nothing is padded: the model's mask is
+        then causal and built from shapes alone, which the compiled graph proves and
+        runs as a causal kernel (llmopt/passes/fuse_attention_masks.py)."""
         inputs = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
         if "document_ids" in batch:
             inputs["attention_mask"] = data_mod.document_mask(batch["document_ids"]).to(self.device)
             inputs["position_ids"] = batch["position_ids"].to(self.device)
         else:
-            inputs["attention_mask"] = batch["attention_mask"].to(self.device)
+            if not bool(batch["attention_mask"].all()):
+                inputs["attention_mask"] = batch["attention_mask"].to(self.device)
             if "position_ids" in batch:
                 inputs["position_ids"] = batch["position_ids"].to(self.device)
         return inputs

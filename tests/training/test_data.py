@@ -113,3 +113,11 @@ def test_mixed_precision_keeps_fp32_master_weights(precision, dtype):
         assert all(param.dtype == torch.float32 for param in model.parameters())
     assert seen and set(seen) == {dtype}
     assert results[precision] == pytest.approx(results["fp32"], rel=2e-2)
+
+
+def test_the_padding_mask_goes_in_only_where_something_is_padded():
+    trainer = Trainer(tiny(), TrainConfig(compile=False, shuffle=False), sequences(4, 9, 10))
+    assert "attention_mask" not in trainer.model_inputs(collate(trainer.train_rows[:2]))
+    padded = Trainer(tiny(), TrainConfig(compile=False, shuffle=False), sequences(4, 5, 12, seed=3))
+    inputs = padded.model_inputs(collate(padded.train_rows[:4]))
+    assert not bool(inputs["attention_mask"].all())

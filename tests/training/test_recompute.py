@@ -144,3 +144,43 @@ def test_eager_lowered_checkpoint_with_dropout_is_refused_because_its_gradients_
 def test_inductor_recompute_gradients_match_finite_differences_with_dropout(mode):
     along, finite = _directional(mode, compile_=True, lower="inductor")
     assert along == pytest.approx(finite, rel=5e-3)
+
+
+def _compiled_recompute_grads(mode, lower, compile_=True):
+    torch._dynamo.reset()
+    model = tiny(torch.float64)
+    trainer = Trainer(model, TrainConfig(max_steps=1, micro_batch_size=4, lr=0.0, compile=compile_, shuffle=False,
+                                         max_grad_norm=None, recompute=mode, compile_options={"lower": lower}),
+                      sequences(4, 16, 17))
+    seen = capture_grads(trainer)
+    trainer.train()
+    return seen[0]
+
+
+def _attention_rewrites():
+    from llmopt.rewriter.backend import last_report
+
+    return [r.location for graph in last_report().graphs for p in graph.passes if p.name == "fuse_attention"
+            for r in p.rewrites]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_attention_inside_checkpointed_layers_is_fused_and_gradients_match_eager(mode):
+    """recompute wraps each decoder layer in torch.utils.checkpoint, which Dynamo turns into
+    a nested graph (tag_activation_checkpoint's body): the attention rewrite reaches into
+    it, and the gradients equal eager's without recompute."""
+    reference = _compiled_recompute_grads("none", "eager", compile_=False)
+    got = _compiled_recompute_grads(mode, "eager")
+    assert _attention_rewrites() == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.long
+@pytest.mark.slow
+def test_attention_inside_checkpointed_layers_is_fused_under_inductor():
+    reference = _compiled_recompute_grads("none", "eager", compile_=False)
+    got = _compiled_recompute_grads("full", "inductor")
+    assert _attention_rewrites() == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, atol=1e-10, rtol=1e-10, msg=name)

@@ -245,4 +245,6 @@ def test_compiled_training_matches_eager():
     import llmopt
 
     assert llmopt.last_report().count("attention") == 2  # the compiled run trained through llmopt::attention
+    # rows without padding go in without a mask: the model's shape-only mask is proven causal
+    assert all(r.detail.endswith("(constant mask proven causal)") for r in llmopt.last_report().rewrites("attention"))
     assert results[0] == pytest.approx(results[1], rel=1e-5)
