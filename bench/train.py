@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -87,7 +88,7 @@ def _saved_bytes(model, fn):
         return torch.cuda.max_memory_allocated()
     with _count_saved(model) as seen:
         out = fn()
-    out.backward()
+    del out  # the count is taken at the end of the forward; no backward needed
     return sum(seen.values())
 
 
@@ -125,7 +126,7 @@ def _trainer_run(model, ids: torch.Tensor, recompute: str, steps: int, warmup: i
             "first_step_s": result.steps[0]["seconds"]}
 
 
-def task_speed(args) -> dict:
+def task_speed(args, on_row=None) -> dict:
     base, _ = _model(args.tiny)
     seq_lens = args.seq_lens or ([64, 128] if args.tiny else [512, 1024])
     vocab = base.config.vocab_size
@@ -143,9 +144,15 @@ def task_speed(args) -> dict:
                 figures = _trainer_run(model, ids, mode, args.steps, args.warmup, args.lower)
             figures.update(setting=name, seq_len=length, tokens_per_s=length / figures["step_s"])
             rows.append(figures)
+            if on_row is not None:  # a run cut short still leaves its rows
+                on_row(_speed_figures(rows, seq_lens, args, complete=False))
             print(f"  step {figures['step_s']:.3f} s  {figures['tokens_per_s']:.1f} tok/s  "
                   f"saved {figures['saved_bytes'] / 2**20:.1f} MiB", flush=True)
             del model
+    return _speed_figures(rows, seq_lens, args, complete=True, show=True)
+
+
+def _speed_figures(rows: list, seq_lens: list, args, complete: bool, show: bool = False) -> dict:
     for length in seq_lens:
         group = {r["setting"]: r for r in rows if r["seq_len"] == length}
         plain, none = group.get("plain eager"), group.get("llmopt recompute=none")
@@ -155,6 +162,14 @@ def task_speed(args) -> dict:
         if none and full:
             full["saved_ratio_vs_none"] = none["saved_bytes"] / max(full["saved_bytes"], 1)
             full["time_ratio_vs_none"] = full["step_s"] / none["step_s"]
+    if show:
+        _print_speed_table(rows)
+    return {"rows": rows, "complete": complete,
+            "settings": {"seq_lens": seq_lens, "steps": args.steps, "warmup": args.warmup,
+                         "batch": 1, "lower": args.lower, "optimizer": "AdamW lr 1e-5"}}
+
+
+def _print_speed_table(rows: list) -> None:
     print(f"\n{'tokens':>6} {'setting':<28} {'step s':>8} {'tok/s':>8} {'saved MiB':>10}  vs")
     for r in rows:
         extra = ""
@@ -164,8 +179,6 @@ def task_speed(args) -> dict:
             extra = f"{r['saved_ratio_vs_none']:.2f}x less saved, {r['time_ratio_vs_none']:.2f}x none's time"
         print(f"{r['seq_len']:>6} {r['setting']:<28} {r['step_s']:>8.3f} {r['tokens_per_s']:>8.1f} "
               f"{r['saved_bytes'] / 2**20:>10.1f}  {extra}")
-    return {"rows": rows, "settings": {"seq_lens": seq_lens, "steps": args.steps, "warmup": args.warmup,
-                                       "batch": 1, "lower": args.lower, "optimizer": "AdamW lr 1e-5"}}
 
 
 def plot_speed(record: dict, path: Path) -> str | None:
@@ -184,8 +197,9 @@ def plot_speed(record: dict, path: Path) -> str | None:
     for i, name in enumerate(settings):
         mine = {r["seq_len"]: r for r in rows if r["setting"] == name}
         xs = [j + i * width for j in range(len(lengths))]
-        axes[0].bar(xs, [mine[n]["tokens_per_s"] for n in lengths], width, label=name)
-        axes[1].bar(xs, [mine[n]["saved_bytes"] / 2**20 for n in lengths], width, label=name)
+        # a run cut short may lack a length: its bars are 0
+        axes[0].bar(xs, [mine[n]["tokens_per_s"] if n in mine else 0 for n in lengths], width, label=name)
+        axes[1].bar(xs, [mine[n]["saved_bytes"] / 2**20 if n in mine else 0 for n in lengths], width, label=name)
     for ax, title in zip(axes, ("training tokens/s", "saved for backward (MiB)" if not torch.cuda.is_available()
                                 else "peak allocated (MiB)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n} tokens" for n in lengths])
@@ -291,25 +305,40 @@ def task_early_exit(args) -> dict:
     vocab = model.config.vocab_size
     seq_len = args.seq_len or (64 if args.tiny else 128)
     train = _windows(_tokens(tokenizer, TRAIN_TEXT, vocab, seed=1), seq_len)
-    heldout = torch.stack(_windows(_tokens(tokenizer, HELDOUT_TEXT, vocab, count=args.heldout_tokens, seed=2),
-                                   seq_len))
+    heldout_windows = _windows(_tokens(tokenizer, HELDOUT_TEXT, vocab, count=args.heldout_tokens, seed=2), seq_len)
+    heldout = torch.stack(heldout_windows)
     layers = model.config.num_hidden_layers
     exits = tuple(range(args.exit_every - 1, layers - 1, args.exit_every))
-    config = EarlyExitConfig(layer_dropout=args.layer_dropout, curve="exponential", exit_scale=1.0,
+    config = EarlyExitConfig(layer_dropout=args.layer_dropout, curve="exponential", exit_scale=args.exit_scale,
                              exit_layers=exits)
     before = exit_agreement(model, heldout)
-    print("before:", " ".join(f"{a:.2f}" for a in before), flush=True)
+    ppl_before = _perplexity(model, heldout_windows)
+    print("before:", " ".join(f"{a:.2f}" for a in before), f" final-layer ppl {ppl_before:.2f}", flush=True)
+    # --minutes bounds the run (the steps it reaches are recorded); --steps caps it
+    callbacks = [_TimeBudget(args.minutes * 60)] if args.minutes else []
     result = train_early_exit(model, train, config, train_config=TrainConfig(
         max_steps=args.steps, micro_batch_size=args.batch, seq_len=seq_len, lr=args.lr, warmup_steps=2,
-        schedule="constant", compile=False, seed=0))
+        schedule="constant", compile=False, seed=0), callbacks=callbacks)
     after = exit_agreement(model, heldout)
-    print("after: ", " ".join(f"{a:.2f}" for a in after), flush=True)
+    ppl_after = _perplexity(model, heldout_windows)
+    print("after: ", " ".join(f"{a:.2f}" for a in after), f" final-layer ppl {ppl_after:.2f}", flush=True)
+    print(f"\n{len(result.steps)} steps of {args.batch} x {seq_len} tokens in {result.train_seconds:.0f} s")
+    print(f"{'layer':>5} {'before':>7} {'after':>7}")
+    for layer in range(layers):
+        mark = " (exit loss)" if layer in exits else ""
+        print(f"{layer:>5} {before[layer]:>7.3f} {after[layer]:>7.3f}{mark}")
+    mean = lambda xs: sum(xs[:-1]) / (len(xs) - 1)  # noqa: E731  (the last layer is 1 by definition)
+    print(f"{'mean':>5} {mean(before):>7.3f} {mean(after):>7.3f}   final-layer held-out ppl "
+          f"{ppl_before:.2f} -> {ppl_after:.2f}")
     return {"agreement_before": before, "agreement_after": after, "losses": result.losses,
-            "train_seconds": result.train_seconds,
-            "settings": {"steps": args.steps, "batch": args.batch, "seq_len": seq_len, "lr": args.lr,
-                         "layer_dropout": args.layer_dropout, "curve": "exponential", "exit_layers": list(exits),
+            "mean_agreement_before": mean(before), "mean_agreement_after": mean(after),
+            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "steps": len(result.steps), "train_seconds": result.train_seconds,
+            "settings": {"max_steps": args.steps, "minutes": args.minutes, "batch": args.batch, "seq_len": seq_len,
+                         "lr": args.lr, "layer_dropout": args.layer_dropout, "curve": "exponential",
+                         "exit_scale": args.exit_scale, "exit_layers": list(exits),
                          "exit_weights": "linear", "train_text": TRAIN_TEXT.name, "heldout_text": HELDOUT_TEXT.name,
-                         "heldout_tokens": int(heldout.numel()), "compile": False}}
+                         "heldout_tokens": int(heldout.numel()), "compile": False, "optimizer": "AdamW"}}
 
 
 def plot_early_exit(record: dict, path: Path) -> str | None:
@@ -344,7 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="speed: timed steps (3); early-exit: steps (10)")
     parser.add_argument("--warmup", type=int, default=1, help="speed: untimed first steps (compiling)")
     parser.add_argument("--lower", default="inductor", choices=("inductor", "eager"), help="speed: llmopt lowering")
-    parser.add_argument("--minutes", type=float, default=20.0, help="distill: training time budget")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="distill (20) / early-exit (none: --steps only): training time budget")
     parser.add_argument("--seq-len", type=int, help="distill/early-exit: window length (128)")
     parser.add_argument("--batch", type=int, default=4, help="distill/early-exit: sequences per step")
     parser.add_argument("--lr", type=float, default=None, help="distill (2e-4) / early-exit (5e-5) learning rate")
@@ -354,6 +384,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ce-weight", type=float, default=0.0)
     parser.add_argument("--layer-dropout", type=float, default=0.1, help="early-exit: p_max")
     parser.add_argument("--exit-every", type=int, default=4, help="early-exit: an exit loss every N layers")
+    parser.add_argument("--exit-scale", type=float, default=1.0, help="early-exit: weight of the exit losses")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="record path (default bench/results/<name>-<host>-<time>.json)")
     args = parser.parse_args(argv)
@@ -363,14 +394,27 @@ def main(argv=None) -> int:
         args.steps = 3 if args.task == "speed" else 10
     if args.lr is None:
         args.lr = 2e-4 if args.task == "distill" else 5e-5
-    if args.tiny:
+    if args.minutes is None and args.task == "distill":
+        args.minutes = 20.0
+    if args.tiny and args.minutes:
         args.minutes = min(args.minutes, 0.2)
     load_start = os.getloadavg()
-    figures = {"speed": task_speed, "distill": task_distill, "early-exit": task_early_exit}[args.task](args)
     name = {"speed": "train", "distill": "train_distill", "early-exit": "train_early_exit"}[args.task]
-    record = {"benchmark": name, "model": "random llama (tiny)" if args.tiny else "smollm2", "tiny": args.tiny,
-              "machine": machine(load_start), "versions": versions(), "notes": NOTE, **figures}
-    path = write_record(name + ("_tiny" if args.tiny else ""), record, args.out)
+    path = None
+
+    def save(figures: dict) -> Path:
+        nonlocal path
+        record = {"benchmark": name, "model": "random llama (tiny)" if args.tiny else "smollm2", "tiny": args.tiny,
+                  "machine": machine(load_start), "versions": versions(), "notes": NOTE, **figures}
+        path = write_record(name + ("_tiny" if args.tiny else ""), record, args.out or (str(path) if path else None))
+        return path
+
+    if args.task == "speed":  # the record is rewritten after every row (complete: false until the end)
+        figures = task_speed(args, on_row=save)
+    else:
+        figures = {"distill": task_distill, "early-exit": task_early_exit}[args.task](args)
+    save(figures)
+    record = json.loads(path.read_text())
     plotter = {"speed": plot_speed, "early-exit": plot_early_exit}.get(args.task)
     png = plotter(record, path.with_suffix(".png")) if plotter else None
     print(f"record: {path}" + (f"\nplot: {png}" if png else ""))
