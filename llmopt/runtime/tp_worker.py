@@ -87,6 +87,15 @@ class TensorParallelRunner(ModelRunner):
     def worker_pids(self) -> list[int]:
         return self.world.worker_pids
 
+    def profile(self, num_tokens: int = 8):
+        """The first forward compiles on every rank; if it fails here (a head count the size does
+        not split, no attention to page), the workers are stopped before the error propagates."""
+        try:
+            return super().profile(num_tokens)
+        except BaseException:
+            self.shutdown()
+            raise
+
     def _run(self, token_ids: Tensor, positions: Tensor, step: PagedStep, logit_rows: Tensor) -> Tensor:
         if self._stopped:
             raise RuntimeError("the tensor-parallel engine was shut down")

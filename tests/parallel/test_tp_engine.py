@@ -144,6 +144,30 @@ def test_two_torchrun_nodes_give_one_process_greedy_tokens(model_dir, one_proces
     assert printed[0]["worker_pids"] == []  # torchrun started the ranks, not the engine
 
 
+def test_a_size_the_heads_do_not_split_is_refused_on_every_rank(model_dir):
+    """4 query heads over 3 ranks: the pass's error, in one line, from rank 0; no rank left behind."""
+    parent = subprocess.Popen([PYTHON, str(MAIN), model_dir, "--size", "3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 600
+        while parent.poll() is None and time.monotonic() < deadline:  # the ranks it starts, as they come
+            try:
+                with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+                    children |= {int(p) for p in f.read().split()}
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode != 0
+    assert "TensorParallelError: tensor_parallel size 3 does not divide the 4 query heads" in stderr, stderr[-3000:]
+    assert len(children) >= 2 and _wait_gone(children) == []  # ranks 1 and 2 (and spawn's helper)
+
+
 def test_engine_options_are_checked():
     assert EngineConfig(tensor_parallel_size=2).tensor_parallel_size == 2
     with pytest.raises(LLMOptConfigError, match="tensor_parallel_size must be a positive int"):
