@@ -5,13 +5,20 @@ the model's own knowledge), greedy, --max-tokens new tokens each (end of
 sequence ignored, so every setting emits the same number), one request at a
 time.
 
-Settings, on two compiled cascades (one per deferral level; the rule is
-swapped between settings, the models stay compiled):
-  plain-int4 / plain-fp32   each model alone (the response cascade's own engines)
+Settings, on one compiled token cascade (two compiled runners; the rule is
+swapped between settings, the models stay compiled: on this shared 2-core
+machine every compile costs minutes):
+  plain-int4 / plain-fp32   each model alone: plain greedy decode through the
+                            cascade's own compiled runner of that model, one
+                            token per forward (no scheduler: a hair faster than
+                            the engine's plain decode)
   token-t{T}-k{K}           token level: int4 drafts --draft-tokens per round, fp32
                             scores them; keep while p_int4 >= T or in fp32's top-K
-  response-t{T}             response level: int4 answers; fp32 answers afresh when
-                            the answer's mean max-prob is below T
+  response-t{T}             response level, composed from the two plain runs: the
+                            response cascade runs exactly those greedy generations
+                            (int4's answer; fp32's when int4's mean max-prob is
+                            below T), so its output, confidence and cost (int4's
+                            time, plus fp32's where it escalates) follow from them
 
 Cost per setting: output tokens/s (wall time of the whole request, prefill
 included), FLOPs per output token (both models, counted from the shapes:
@@ -56,6 +63,25 @@ def run(engine, prompts, params) -> tuple[list[list[int]], float, list]:
     return tokens, wall, outputs
 
 
+def plain_decode(engine, runner, prompt, max_tokens) -> tuple[list[int], float, list[float]]:
+    """Greedy decode through one of the cascade's compiled runners, one token per forward, in the
+    KV slot of request 0 (the cascade is idle): token ids, wall seconds, each token's max-prob."""
+    bs = engine.config.block_size
+    table = list(range(engine.blocks_per_slot))
+    start = time.perf_counter()
+    logits = runner.execute_packed([(list(prompt), 0, table)], bs)
+    tokens, max_probs = [], []
+    while True:
+        probs = logits[0].softmax(-1)
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        max_probs.append(float(probs[token]))
+        if len(tokens) == max_tokens:
+            break
+        logits = runner.execute_packed([([token], len(prompt) + len(tokens) - 1, table)], bs)
+    return tokens, time.perf_counter() - start, max_probs
+
+
 @torch.no_grad()
 def teacher_forced_agreement(model, prompts, outputs) -> float:
     """Fraction of output tokens equal to ``model``'s argmax given the same prefix."""
@@ -93,28 +119,26 @@ def main() -> int:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # ModelRunner._forward is one code object for all four compiled runners of this run.
+    # ModelRunner._forward is one code object for both compiled runners of this run.
     torch._dynamo.config.recompile_limit = 64
     load_start = os.getloadavg()
 
     from llmopt.models import load
     from llmopt.runtime.cascade import Cascade
     from llmopt.runtime.cascade_cost import ModelShape
-    from llmopt.runtime.cascade_rules import ResponseRule, TokenRule
+    from llmopt.runtime.cascade_rules import TokenRule
     from llmopt.runtime.llm import LLM
     from llmopt.runtime.sampling_params import SamplingParams
 
     small = {"model": "smollm2", "compile_options": {"quantize": "int4"}, "name": "smollm2-int4"}
     large = {"model": "smollm2", "name": "smollm2-fp32"}
-    options = dict(lower=args.lower, kv_cache_memory_gib=1.0, max_model_len=1024, max_num_seqs=4)
+    options = dict(lower=args.lower, kv_cache_memory_gib=1.0, max_model_len=1024, max_num_seqs=2)
     compile_start = time.perf_counter()
     token_llm = LLM(Cascade([small, large], deferral="token", threshold=0.0,
                             num_draft_tokens=args.draft_tokens), **options)
-    response_llm = LLM(Cascade([small, large], deferral="response", threshold=0.5), **options)
     compile_s = time.perf_counter() - compile_start
-    token_engine, response_engine = token_llm.engine, response_llm.engine
-    int4_engine, fp32_engine = response_engine.engines
-    tok = response_llm.tokenizer
+    token_engine = token_llm.engine
+    tok = token_llm.tokenizer
     prompts = [chat_ids(tok, t) for t in CHAT[:args.prompts]]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     reference_model = load("smollm2").model.eval()  # eager fp32 Hugging Face: the agreement oracle
@@ -126,8 +150,11 @@ def main() -> int:
                                 token_thresholds=args.token_thresholds, token_top_k=args.token_top_k,
                                 response_thresholds=args.response_thresholds, threads=args.threads,
                                 lower=args.lower, small=small, large=large, compile_s=compile_s),
-                  notes="Batch 1, greedy, end of sequence ignored. tokens_per_s: output tokens over the wall "
-                        "time of the requests (prefill included). gflop_per_token: both models' forwards, "
+                  notes="Batch 1, greedy, end of sequence ignored. plain rows: greedy decode through the "
+                        "cascade's own compiled runner of each model, one token per forward; response rows: "
+                        "composed from the two plain runs (the response cascade's generations are exactly "
+                        "those). tokens_per_s: output tokens over the wall time of the requests (prefill "
+                        "included). gflop_per_token: both models' forwards, "
                         "counted from the shapes (int4 counted dense). large_forwards_per_token: fp32 "
                         "forward passes per output token. agreement: output tokens equal to fp32's greedy "
                         "choice at their prefix (teacher-forced, eager HF fp32). prefix_share: mean common "
@@ -136,10 +163,11 @@ def main() -> int:
                   rows=rows)
     path = write_record("cascade", record, args.out)
 
-    # Warm the decode shapes of every compiled runner (compiles happen here, not in the timings).
+    # Warm the decode shapes of both compiled runners (compiles happen here, not in the timings).
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    for engine in (int4_engine, fp32_engine, token_engine):
-        run(engine, prompts[:1], warm)
+    run(token_engine, prompts[:1], warm)
+    for runner in token_engine.runners:
+        plain_decode(token_engine, runner, prompts[0], 8)
 
     def add(setting, deferral, tokens, wall, flops, large_forwards, small_share, threshold=None, top_k=None):
         emitted = sum(len(t) for t in tokens)
@@ -159,11 +187,13 @@ def main() -> int:
         record["machine"] = machine(load_start)
         write_record("cascade", record, str(path))
 
-    def plain_flops(tokens):
-        return sum(shape.forward_flops(0, len(p) + len(t) - 1, len(t)) for p, t in zip(prompts, tokens))
+    def plain_flops(tokens, which=None):
+        return sum(shape.forward_flops(0, len(p) + len(t) - 1, len(t)) for p, t in zip(which or prompts, tokens))
 
-    int4_tokens, int4_wall, _ = run(int4_engine, prompts, params)
-    reference, fp32_wall, _ = run(fp32_engine, prompts, params)
+    int4_runs = [plain_decode(token_engine, token_engine.small, p, args.max_tokens) for p in prompts]
+    fp32_runs = [plain_decode(token_engine, token_engine.large, p, args.max_tokens) for p in prompts]
+    int4_tokens, int4_wall = [r[0] for r in int4_runs], sum(r[1] for r in int4_runs)
+    reference, fp32_wall = [r[0] for r in fp32_runs], sum(r[1] for r in fp32_runs)
     add("plain-int4", None, int4_tokens, int4_wall, plain_flops(int4_tokens), 0, 1.0)
     # plain-fp32 is rows[1], the speed reference
     add("plain-fp32", None, reference, fp32_wall, plain_flops(reference), sum(len(t) for t in reference), 0.0)
@@ -188,14 +218,18 @@ def main() -> int:
                 kept / judged if judged else 0.0, threshold, top_k)
 
     for threshold in args.response_thresholds:
-        response_engine.set_rule(ResponseRule((threshold,)))
-        before = response_engine.stats.to_dict()
-        tokens, wall, outs = run(response_engine, prompts, params)
-        after = response_engine.stats.to_dict()
-        by_small = sum(1 for o in outs if o.cascade.model_index == 0)
-        add(f"response-t{threshold:g}", "response", tokens, wall, after["flops"] - before["flops"],
-            after["models"][1]["forwards"] - before["models"][1]["forwards"], by_small / len(outs), threshold)
-        rows[-1]["confidences"] = [o.cascade.confidences for o in outs]
+        # The response cascade's generations are the plain ones above: int4's answer, kept when its
+        # mean max-prob reaches the threshold, else fp32's answer to the same prompt.
+        confidences = [sum(r[2]) / len(r[2]) for r in int4_runs]
+        escalated = [c < threshold for c in confidences]
+        tokens = [f[0] if e else i[0] for i, f, e in zip(int4_runs, fp32_runs, escalated)]
+        wall = sum(i[1] + (f[1] if e else 0.0) for i, f, e in zip(int4_runs, fp32_runs, escalated))
+        flops = sum(plain_flops([i[0]], [p]) + (plain_flops([f[0]], [p]) if e else 0)
+                    for p, i, f, e in zip(prompts, int4_runs, fp32_runs, escalated))
+        add(f"response-t{threshold:g}", "response", tokens, wall, flops,
+            sum(len(f[0]) for f, e in zip(fp32_runs, escalated) if e), 1 - sum(escalated) / len(escalated),
+            threshold)
+        rows[-1]["confidences"] = confidences
 
     record["machine"] = machine(load_start)
     write_record("cascade", record, str(path))
