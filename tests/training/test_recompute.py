@@ -179,8 +179,14 @@ def test_attention_inside_checkpointed_layers_is_fused_and_gradients_match_eager
 @pytest.mark.long
 @pytest.mark.slow
 def test_attention_inside_checkpointed_layers_is_fused_under_inductor():
-    reference = _compiled_recompute_grads("none", "eager", compile_=False)
+    """Full recompute under Inductor gives the gradients of no recompute under Inductor
+    (fp64, to 1e-12); both are within 1e-7 of eager's: Hugging Face computes RoPE's
+    cos/sin in fp32 whatever the model's dtype, and Inductor's fp32 sin/cos differ
+    from aten's by an ulp (3e-8 measured on the embedding's gradient)."""
+    eager = _compiled_recompute_grads("none", "eager", compile_=False)
+    compiled = _compiled_recompute_grads("none", "inductor")
     got = _compiled_recompute_grads("full", "inductor")
     assert _attention_rewrites() == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    for name, g in reference.items():
-        torch.testing.assert_close(got[name], g, atol=1e-10, rtol=1e-10, msg=name)
+    for name, g in compiled.items():
+        torch.testing.assert_close(got[name], g, atol=1e-12, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], eager[name], atol=1e-7, rtol=1e-6, msg=name)
