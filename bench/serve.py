@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                    "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
                    "text": str(args.text), "lower": args.lower, "block_size": first["block_size"],
                    "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "speculative_config": args.speculative_config,
+                   "speculative_config": args.speculative_config, "spec_first": args.spec_first,
                    "warmup_s": first["warmup_s"],
                    "warmup_s_by_dtype": {run["dtype"]: run["warmup_s"] for run in runs}},
         "results": [asdict(r) for r in sweep + spec_sweep + hf_results],
@@ -323,12 +323,14 @@ def run_dtype(args, dtype: str) -> dict:
 
     sweep, spec_sweep, reference = [], [], None
     for conc in sorted(set(args.concurrency), reverse=True):
+        # Off and on back to back (the same machine load); --spec-first swaps the order.
+        on = run_engine(llm, requests, conc, speculator) if speculator is not None and args.spec_first else None
         result, tokens = run_engine(llm, requests, conc)
         reference = reference or tokens
         sweep.append(result)
-        if speculator is not None:  # right after the same concurrency off: the same machine load
-            result, tokens = run_engine(llm, requests, conc, speculator)
-            result.same_tokens_as_llmopt = _agreement(tokens, reference)
+        if speculator is not None:
+            result, spec_tokens = on or run_engine(llm, requests, conc, speculator)
+            result.same_tokens_as_llmopt = spec_tokens == tokens
             spec_sweep.append(result)
     engine.speculator = speculator
     sweep.sort(key=lambda r: r.concurrency)
@@ -386,6 +388,8 @@ def parse_args(argv):
     p.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                    help='the engine\'s speculative_config, e.g. \'{"method": "ngram"}\'; each '
                         'concurrency then runs with speculation off and on (default: off only)')
+    p.add_argument("--spec-first", action="store_true",
+                   help="with --speculative-config: run each concurrency with speculation on first, then off")
     p.add_argument("--out", help="JSON path (default bench/results/serve-<host>-<time>.json)")
     args = p.parse_args(argv)
     for lo, hi, name in ((*args.input_len, "input"), (*args.output_len, "output")):
