@@ -62,12 +62,20 @@ class ModelRunner:
         self.options = options
         self.device = options.device
         self.decoder, self.head = _split_head(model)
-        self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False,
+        # isolate_recompiles: this runner's entries are its own, not shared with every other
+        # runner's (all compile the same _forward code), so no guard needs to tell runners apart.
+        self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False, isolate_recompiles=True,
                                        options={**(options.compile_options or {}),
                                                 "paged_kv": True, "lower": options.lower,
                                                 "kernels": options.kernels,
                                                 "guard_filter_fn": keep_step_guards})
         self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
+
+    def compiled_entries(self) -> list:
+        """Dynamo's cache entries of this runner's compiled step (its own region)."""
+        from torch._dynamo.eval_frame import _get_cache_entries_for_region
+
+        return _get_cache_entries_for_region(ModelRunner._forward.__code__, self._compiled._isolate_recompiles_id)
 
     # ---- set-up ----------------------------------------------------------
 
@@ -188,7 +196,9 @@ def keep_step_guards(entries) -> list[bool]:
     modes). Dropped: the guards under ``L['self']``, the runner and the model
     it holds (module types, object ids, attribute values such as
     ``training``, the weights' dtype/shape/device and dimension markings),
-    which the engine's contract keeps true (see the module docstring).
+    which the engine's contract keeps true (see the module docstring). Each
+    runner compiles with ``isolate_recompiles``: its entries are its own, so
+    no guard has to tell one runner (one model) from another.
     """
     return [not _ON_SELF.search(entry.name) for entry in entries]
 
