@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     rows = []
     for path in args.paths:
         print(f"building {path} ({args.lower}) ...", file=sys.stderr, flush=True)
-        step, codes = (_engine_path if path == "engine" else _loop_path)(args)
-        rows.append(_measure(path, step, codes, args))
+        step, entries_of = (_engine_path if path == "engine" else _loop_path)(args)
+        rows.append(_measure(path, step, entries_of, args))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     record = {"benchmark": "step_overhead", "machine": machine(load_start), "versions": versions(),
               "config": {"model": "smollm2", "lower": args.lower, "steps": args.steps,
@@ -68,7 +68,7 @@ def _engine_path(args):
     params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
     engine.add_request(None, PROMPT, params)
     engine.step()  # the prefill; every later step decodes one token
-    return engine.step, [type(engine.runner)._forward.__code__]
+    return engine.step, engine.runner.compiled_entries  # the runner's own entries (isolate_recompiles)
 
 
 def _loop_path(args):
@@ -97,27 +97,26 @@ def _loop_path(args):
         state["token"] = forward(torch.tensor([[state["token"]]]), state["pos"])
         state["pos"] += 1
 
-    return step, [type(model).forward.__code__]
-
-
-def _guard_count(codes) -> tuple[int, int]:
-    """(compiled entries, guard code parts over them) of the given code objects."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    return step, lambda: _debug_get_cache_entry_list(type(model).forward.__code__)
+
+
+def _guard_count(entries_of) -> tuple[int, int]:
+    """(compiled entries, guard code parts over them) of the path's compiled step."""
     entries, parts = 0, 0
-    for code in codes:
-        for entry in _debug_get_cache_entry_list(code):
-            entries += 1
-            manager = entry.guard_manager
-            manager.populate_code_parts_for_debugging()
-            parts += len(manager.code_parts)
+    for entry in entries_of():
+        entries += 1
+        manager = entry.guard_manager
+        manager.populate_code_parts_for_debugging()
+        parts += len(manager.code_parts)
     return entries, parts
 
 
-def _measure(path, step, codes, args) -> dict:
+def _measure(path, step, entries_of, args) -> dict:
     for _ in range(3):  # warm: any decode-shape compile happens here
         step()
-    entries, guards = _guard_count(codes)
+    entries, guards = _guard_count(entries_of)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
