@@ -56,7 +56,7 @@ def speculative_rows(data: dict, name: str, workload: str) -> list[dict]:
         if r.get("workload") != workload or r.get("batch", 1) != 1 or r.get("target", "fp32") != "fp32":
             continue
         strategy = "plain" if r["setting"] == "plain" else "speculative"
-        identical = r.get("identical")
+        identical = True if strategy == "plain" else r.get("identical")  # plain is the reference
         rows.append(_row(strategy, r["setting"], name, r["tokens_per_s"], r.get("speedup"),
                          1.0 if identical else None, "identical to plain greedy" if identical else None,
                          identical=identical))
@@ -69,7 +69,7 @@ def lookahead_rows(data: dict, name: str, workload: str) -> list[dict]:
         if r.get("workload", workload) != workload or r.get("batch", 1) != 1:
             continue
         setting = r.get("setting") or r.get("name") or "lookahead"
-        identical = r.get("identical")
+        identical = True if setting == "plain" else r.get("identical")
         rows.append(_row("plain" if setting == "plain" else "lookahead", setting, name, r.get("tokens_per_s"),
                          r.get("speedup"), 1.0 if identical else None,
                          "identical to plain greedy" if identical else None, identical=identical))
