@@ -118,11 +118,17 @@ def cases(rank: int, size: int, cases: list):
     return results
 
 
-def smollm2_against_one_process(rank: int, size: int, tp, prompt: str):
-    """SmolLM2-135M (9 query heads, 3 KV heads) split over the ranks, against one process."""
-    from llmopt.models import load_cached
+def smollm2_against_one_process(rank: int, size: int, tp, prompt: str, num_layers: int | None = None):
+    """SmolLM2-135M (9 query heads, 3 KV heads) split over the ranks, against one process;
+    ``num_layers``: only its first layers (real weights and head layout, a fraction of the time)."""
+    from llmopt.models import load, load_cached
 
-    model, tokenizer = load_cached("smollm2")
+    if num_layers is None:
+        model, tokenizer = load_cached("smollm2")
+    else:
+        model, tokenizer = load("smollm2")  # a copy of its own: the layers are cut below
+        model.model.layers = model.model.layers[:num_layers]
+        model.config.num_hidden_layers = num_layers
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         reference = model(ids, use_cache=False).logits
