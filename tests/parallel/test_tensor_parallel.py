@@ -201,7 +201,6 @@ def test_smollm2_size_3_matches_one_process():
         assert sizes["sharded"] * 3 == sizes["sharded_full"]
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_inductor_compiles_the_collectives():
     """lower="inductor": the functional all-reduce / all-gather go through AOTAutograd and Inductor."""
