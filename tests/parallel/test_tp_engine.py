@@ -215,7 +215,6 @@ def test_a_step_reaches_the_workers_whole():
     assert list(step.append_masks) == [1] and torch.equal(step.append_masks[1], sent[2].append_masks[1])
 
 
-@pytest.mark.long
 def test_llmopt_serve_with_tensor_parallel_size_2(model_dir):
     """``llmopt serve --tensor-parallel-size 2``: a greedy completion equals Hugging Face greedy's;
     SIGTERM ends the server with exit 0, and its worker rank with it."""
