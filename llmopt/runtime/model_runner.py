@@ -69,7 +69,27 @@ class ModelRunner:
                                                 "paged_kv": True, "lower": options.lower,
                                                 "kernels": options.kernels,
                                                 "guard_filter_fn": keep_step_guards})
+        self._head = self.head
+        if self.head is not None and (options.compile_options or {}).get("quantize"):
+            # The head runs outside the paged graph (on the sampled rows only); compiled with the
+            # same options it is quantized too, instead of reading its fp32 weight every step.
+            self._head = torch.compile(self._apply_head, backend="llmopt", dynamic=False,
+                                       isolate_recompiles=True,
+                                       options={**options.compile_options, "lower": options.lower,
+                                                "kernels": options.kernels, "guard_filter_fn": keep_step_guards})
         self.kv_cache = PagedKVCache(num_blocks=1, block_size=options.block_size, device=self.device)
+
+    def _apply_head(self, rows: Tensor) -> Tensor:
+        return self.head(rows)
+
+    def _run_head(self, rows: Tensor) -> Tensor:
+        if self._head is self.head:
+            return self.head(rows)
+        count = rows.shape[0]
+        if count < _MIN_TOKENS:  # one row: pad, as single-token steps are (Dynamo specialises size 1)
+            rows = torch.cat([rows, rows.new_zeros((_MIN_TOKENS - count, rows.shape[1]))])
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        return self._head(rows)[:count]
 
     def compiled_entries(self) -> list:
         """Dynamo's cache entries of this runner's compiled step (its own region)."""
@@ -176,7 +196,7 @@ class ModelRunner:
         with paged_step(self.kv_cache, step):
             hidden = self._compiled(input_ids, position_ids)
         rows = hidden[0].index_select(0, logit_rows.to(device))
-        logits = self.head(rows) if self.head is not None else rows
+        logits = self._run_head(rows) if self.head is not None else rows
         return logits.float()
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:

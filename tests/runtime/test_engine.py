@@ -259,7 +259,7 @@ def test_compile_options_quantize_the_served_model(tokenizer):
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            if isinstance(module, torch.nn.Linear):  # lm_head too: the runner compiles it quantized
                 module.weight.copy_(quantize_weight(module.weight, "int8").dequantize())
     before = quantize_count()
     llm = LLM(model, tokenizer, lower="eager", num_kv_blocks=64, compile_options={"quantize": "int8"},
@@ -268,6 +268,16 @@ def test_compile_options_quantize_the_served_model(tokenizer):
     prompts = _prompts(4)
     for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
         assert out.token_ids == _hf_greedy(reference, prompt, 12)
+    # The head is quantized too: the first token's log-probability is the reference's to fp32
+    # rounding (1e-4), while an fp32 head would be off by its int8 error (about 1e-2 here).
+    prompt = prompts[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=0))[0]
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        fp32_head = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    token, logprob = out.outputs[0].logprobs[0][0], out.outputs[0].logprobs[0][1]
+    assert abs(logprob - want[token].item()) < 1e-4
+    assert abs(fp32_head[token].item() - want[token].item()) > 1e-3  # the check above can tell
 
 
 @pytest.mark.parametrize("options, message", [
