@@ -21,6 +21,7 @@ from llmopt.runtime.cascade_outputs import CascadeInfo, CascadeRequestOutput
 from llmopt.runtime.cascade_rules import ResponseRule, response_confidence
 from llmopt.runtime.engine import LLMEngine
 from llmopt.runtime.outputs import CompletionOutput
+from llmopt.runtime.request_checks import checked_request
 from llmopt.runtime.sampling_params import SamplingParams
 
 
@@ -76,12 +77,7 @@ class ResponseCascadeEngine:
         return f"cascade-{self._next_id}"
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        request_id = self.new_request_id() if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id, params = checked_request(request_id, params, self._requests, self.new_request_id)
         prompt_text = prompt if isinstance(prompt, str) else None
         prompt_ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) and prompt else prompt
         # The confidence needs each token's log-probability and the most likely one's.

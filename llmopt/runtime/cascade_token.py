@@ -35,6 +35,7 @@ from llmopt.runtime.detokenizer import IncrementalDetokenizer
 from llmopt.runtime.kv_budget import cpu_budget_bytes, gpu_budget_bytes
 from llmopt.runtime.model_runner import ModelRunner, RunnerOptions
 from llmopt.runtime.outputs import CompletionOutput, RequestMetrics
+from llmopt.runtime.request_checks import checked_request, tokenize_prompt
 from llmopt.runtime.sampler import draw, new_generator, probabilities
 from llmopt.runtime.sampling_params import SamplingParams
 from llmopt.runtime.scheduler import ScheduledSequence
@@ -141,13 +142,8 @@ class TokenCascadeEngine:
         return f"cascade-{self._next_id}"
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        request_id = self.new_request_id() if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text, token_ids = _tokenize(prompt, self.tokenizer, self.vocab_size)
+        request_id, params = checked_request(request_id, params, self._requests, self.new_request_id)
+        prompt_text, token_ids = tokenize_prompt(prompt, self.tokenizer, self.vocab_size)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, but this cascade serves at most "
                              f"{self.max_model_len} tokens per sequence (prompt + at least one output token)")
@@ -327,19 +323,3 @@ def _append_logprob(request: _Request, logprobs: torch.Tensor, token: int) -> No
     request.logprobs.append((int(token), float(logprobs[token]), top))
 
 
-def _tokenize(prompt, tokenizer, vocab_size) -> tuple[str | None, list[int]]:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        return prompt, list(tokenizer.encode(prompt))
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if not isinstance(prompt, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise ValueError("a prompt is a string or a list of token ids (ints)")
-    if not prompt:
-        raise ValueError("the prompt is empty: at least one token id is needed")
-    bad = [t for t in prompt if t < 0 or (vocab_size and t >= vocab_size)]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    return None, list(prompt)

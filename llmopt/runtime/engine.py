@@ -21,6 +21,7 @@ from llmopt.runtime.engine_config import EngineConfig
 from llmopt.runtime.kv_budget import cpu_budget_bytes, gpu_budget_bytes
 from llmopt.runtime.model_runner import ModelRunner, RunnerOptions
 from llmopt.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmopt.runtime.request_checks import checked_request, tokenize_prompt
 from llmopt.runtime.sampler import new_generator, sample
 from llmopt.runtime.sampling_params import SamplingParams
 from llmopt.runtime.scheduler import Scheduler, SchedulerConfig
@@ -126,13 +127,8 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None) -> str:
         """Queue a request; returns its id. ValueError for a bad prompt or parameters."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        request_id = self.new_request_id() if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text, token_ids = self._tokenize(prompt)
+        request_id, params = checked_request(request_id, params, self._requests, self.new_request_id)
+        prompt_text, token_ids = tokenize_prompt(prompt, self.tokenizer, _vocab_size(self.model, self.tokenizer))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, but this model serves at most "
@@ -147,24 +143,6 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[request_id] = request
         return request_id
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("a prompt is a string or a list of token ids (ints)")
-        if not prompt:
-            raise ValueError("the prompt is empty: at least one token id is needed")
-        vocab = _vocab_size(self.model, self.tokenizer)
-        bad = [t for t in prompt if t < 0 or (vocab and t >= vocab)]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return None, list(prompt)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is not running."""
