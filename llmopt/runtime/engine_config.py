@@ -47,7 +47,8 @@ class EngineConfig:
             the engine's own (set them through the fields above).
         speculative_config: speculative decoding (a dict or
             ``SpeculativeConfig``: ``method`` "ngram" / "draft_model" /
-            "layer_skip", ``num_speculative_tokens``, ...); None: off.
+            "layer_skip" / "lookahead", ``num_speculative_tokens``, ...);
+            None: off.
         tensor_parallel_size: ranks the model is split over (Megatron-style,
             the compiler's ``tensor_parallel`` pass); above 1 the engine
             starts the other ranks as processes, or joins torchrun's
