@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions, write_record  # noqa: E402
+from common import machine, pyplot, versions, write_record  # noqa: E402
 from speculative import CHAT, chat_ids  # noqa: E402
 
 
@@ -250,12 +250,8 @@ def table(record) -> str:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}

@@ -87,3 +87,16 @@ def check_decode_workload(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.max_tokens < 2 or args.repeats < 1:
         parser.error("--max-tokens must be >= 2 and --repeats >= 1")
     return args
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing
+    (a benchmark then writes its record without the plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

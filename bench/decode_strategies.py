@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine, versions, write_record  # noqa: E402
+from common import RESULTS_DIR, machine, pyplot, versions, write_record  # noqa: E402
 
 SOURCES = ("speculative", "lookahead", "early_exit", "cascade")
 _STAMP = re.compile(r"-(\d{8}-\d{6})\.json$")
@@ -131,12 +131,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for strategy in dict.fromkeys(r["strategy"] for r in rows):

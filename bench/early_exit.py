@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, versions, write_record  # noqa: E402
+from bench.common import machine, pyplot, versions, write_record  # noqa: E402
 from llmopt.runtime import early_exit as ee  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,12 +226,8 @@ def train(model, tokenizer, args) -> dict:
 
 
 def plot(rows, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label in dict.fromkeys(r["model"] for r in rows):

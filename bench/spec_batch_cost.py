@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions, write_record  # noqa: E402
+from common import machine, pyplot, versions, write_record  # noqa: E402
 
 ACCEPTANCES = (0.3, 0.6, 0.85)
 
@@ -145,12 +145,8 @@ def main() -> int:
 
 
 def _plot(rows, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for k in sorted({r["k"] for r in rows}):

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions, write_record  # noqa: E402
+from common import machine, pyplot, versions, write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ROOT.parent / "shared" / "data" / "text"
@@ -305,12 +305,8 @@ def table(rows) -> str:
 
 
 def _plot(rows, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for workload in sorted({r["workload"] for r in rows}):
