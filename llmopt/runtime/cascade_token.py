@@ -36,7 +36,7 @@ from llmopt.runtime.kv_budget import cpu_budget_bytes, gpu_budget_bytes
 from llmopt.runtime.model_runner import ModelRunner, RunnerOptions
 from llmopt.runtime.outputs import CompletionOutput, RequestMetrics
 from llmopt.runtime.request_checks import checked_request, tokenize_prompt
-from llmopt.runtime.sampler import draw, new_generator, probabilities
+from llmopt.runtime.sampler import draw, logprob_entry, new_generator, probabilities
 from llmopt.runtime.sampling_params import SamplingParams
 from llmopt.runtime.scheduler import ScheduledSequence
 from llmopt.runtime.sequence import Sequence
@@ -314,12 +314,8 @@ class TokenCascadeEngine:
 
 def _append_logprob(request: _Request, logprobs: torch.Tensor, token: int) -> None:
     """The token's log-probability under the large model (the one that judged it), and its top ones."""
-    top = []
-    if request.params.logprobs:
-        values, ids = logprobs.topk(request.params.logprobs)
-        top = list(zip(ids.tolist(), values.tolist()))
     if request.logprobs is None:
         request.logprobs = []
-    request.logprobs.append((int(token), float(logprobs[token]), top))
+    request.logprobs.append(logprob_entry(logprobs, token, request.params.logprobs))
 
 

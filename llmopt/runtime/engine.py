@@ -22,7 +22,7 @@ from llmopt.runtime.kv_budget import cpu_budget_bytes, gpu_budget_bytes
 from llmopt.runtime.model_runner import ModelRunner, RunnerOptions
 from llmopt.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmopt.runtime.request_checks import checked_request, tokenize_prompt
-from llmopt.runtime.sampler import new_generator, sample
+from llmopt.runtime.sampler import logprob_entry, new_generator, sample
 from llmopt.runtime.sampling_params import SamplingParams
 from llmopt.runtime.scheduler import Scheduler, SchedulerConfig
 from llmopt.runtime.stop_tokens import eos_token_ids
@@ -250,13 +250,9 @@ def _record_logprobs(logits: torch.Tensor, emitted: list[tuple[_Request, int, in
         return
     logprobs = torch.log_softmax(logits[[row for _, row, _ in wanted]].float(), dim=-1)
     for (request, _, token), lp in zip(wanted, logprobs):
-        top = []
-        if request.params.logprobs:
-            values, ids = lp.topk(request.params.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
         if request.logprobs is None:
             request.logprobs = []
-        request.logprobs.append((int(token), float(lp[int(token)]), top))
+        request.logprobs.append(logprob_entry(lp, token, request.params.logprobs))
 
 
 def _vocab_size(model, tokenizer) -> int | None:

@@ -68,6 +68,16 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
+def logprob_entry(logprobs: torch.Tensor, token: int, top: int | None) -> tuple:
+    """A token's entry of ``CompletionOutput.logprobs``: (token id, its log-probability, the
+    ``top`` most likely (token id, log-probability) pairs) from one row of log-probabilities."""
+    pairs = []
+    if top:
+        values, ids = logprobs.topk(top)
+        pairs = list(zip(ids.tolist(), values.tolist()))
+    return int(token), float(logprobs[int(token)]), pairs
+
+
 def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Filtered, unnormalised probabilities, and the token id of each column (None: column = token)."""
     device, vocab = logits.device, logits.shape[-1]
