@@ -28,7 +28,8 @@ With ``--speculative-config JSON`` the engine is built with that
 speculative_config and every concurrency runs twice, speculation off then
 on, on the same compiled engine (off: its speculator detached for the run);
 the record's ``speculation`` gives on / off throughput per concurrency and
-the drafted / accepted counts of each run.
+the drafted / accepted counts of each run. ``--spec-repeats R`` runs R such
+pairs, the order alternating, and reports each side's median run.
 
     python bench/serve.py [--requests 64] [--input-len 32 512] [--output-len 32 256]
                           [--hf-batch-sizes 8 64] [--concurrency 4 16 64] [--lower inductor]
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
                    "text": str(args.text), "lower": args.lower, "block_size": first["block_size"],
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "speculative_config": args.speculative_config, "spec_first": args.spec_first,
+                   "spec_repeats": args.spec_repeats,
                    "warmup_s": first["warmup_s"],
                    "warmup_s_by_dtype": {run["dtype"]: run["warmup_s"] for run in runs}},
         "results": [asdict(r) for r in sweep + spec_sweep + hf_results],
@@ -287,6 +289,8 @@ def main(argv=None) -> int:
                           for off, on in zip(first["sweep"], first["spec_sweep"])},
             "main_run_on_vs_off": first["spec_sweep"][-1].output_tokens_per_s
             / first["main_run"].output_tokens_per_s,
+            "repeats": args.spec_repeats,
+            "runs": first["spec_repeats"],
         }
     speedups = {run["dtype"]: run["speedup_vs_best_hf"] for run in runs if run["speedup_vs_best_hf"]}
     record["speedup_vs_best_hf_by_dtype"] = speedups
@@ -321,17 +325,32 @@ def run_dtype(args, dtype: str) -> dict:
     for mode in modes:
         run_engine(llm, requests[:4], max(args.concurrency), mode)
 
-    sweep, spec_sweep, reference = [], [], None
+    sweep, spec_sweep, reference, pairs = [], [], None, {}
     for conc in sorted(set(args.concurrency), reverse=True):
-        # Off and on back to back (the same machine load); --spec-first swaps the order.
-        on = run_engine(llm, requests, conc, speculator) if speculator is not None and args.spec_first else None
-        result, tokens = run_engine(llm, requests, conc)
-        reference = reference or tokens
-        sweep.append(result)
-        if speculator is not None:
-            result, spec_tokens = on or run_engine(llm, requests, conc, speculator)
-            result.same_tokens_as_llmopt = spec_tokens == tokens
-            spec_sweep.append(result)
+        if speculator is None:
+            result, tokens = run_engine(llm, requests, conc)
+            reference = reference or tokens
+            sweep.append(result)
+            continue
+        # Off and on back to back (the same machine load), --spec-repeats pairs with the
+        # order alternating (off-on, on-off, ...; --spec-first starts with on), so a drift
+        # in the machine's speed falls on both sides alike.
+        offs, ons = [], []
+        for i in range(args.spec_repeats):
+            order = (speculator, None) if (i % 2 == 0) == args.spec_first else (None, speculator)
+            for mode in order:
+                result, tokens = run_engine(llm, requests, conc, mode)
+                (ons if mode is not None else offs).append((result, tokens))
+        reference = reference or offs[0][1]
+        off, off_tokens = _median_run(offs)
+        on, on_tokens = _median_run(ons)
+        on.same_tokens_as_llmopt = all(t == off_tokens for _, t in ons)
+        sweep.append(off)
+        spec_sweep.append(on)
+        pairs[str(conc)] = {"off_tokens_per_s": [r.output_tokens_per_s for r, _ in offs],
+                            "on_tokens_per_s": [r.output_tokens_per_s for r, _ in ons],
+                            "pair_on_vs_off": [a.output_tokens_per_s / b.output_tokens_per_s
+                                               for (a, _), (b, _) in zip(ons, offs)]}
     engine.speculator = speculator
     sweep.sort(key=lambda r: r.concurrency)
     spec_sweep.sort(key=lambda r: r.concurrency)
@@ -352,6 +371,7 @@ def run_dtype(args, dtype: str) -> dict:
         "dtype": dtype, "sweep": sweep, "spec_sweep": spec_sweep, "hf": hf_results, "main_run": main_run,
         "block_size": engine.config.block_size, "warmup_s": engine.warmup_seconds,
         "speculative_config": engine.config.speculative_config.to_dict() if spec_sweep else None,
+        "spec_repeats": pairs,
         "kv_memory": {"llmopt_peak_bytes": main_run.kv_peak_bytes, "contiguous_max_len_bytes": contiguous,
                       "max_len": max_len, "llmopt_vs_contiguous": main_run.kv_peak_bytes / contiguous,
                       "llmopt_waste_mean": main_run.kv_waste_mean},
@@ -360,6 +380,12 @@ def run_dtype(args, dtype: str) -> dict:
     del llm, engine, speculator
     gc.collect()  # the next dtype's engine gets the memory
     return run
+
+
+def _median_run(runs: list) -> tuple:
+    """The (result, tokens) of the run with the median throughput (the lower median for an even count)."""
+    ranked = sorted(runs, key=lambda run: run[0].output_tokens_per_s)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _agreement(tokens, reference) -> bool:
@@ -390,8 +416,13 @@ def parse_args(argv):
                         'concurrency then runs with speculation off and on (default: off only)')
     p.add_argument("--spec-first", action="store_true",
                    help="with --speculative-config: run each concurrency with speculation on first, then off")
+    p.add_argument("--spec-repeats", type=int, default=1, metavar="R",
+                   help="with --speculative-config: R off/on pairs per concurrency, order alternating; "
+                        "the rows are each side's median run, the record keeps every run")
     p.add_argument("--out", help="JSON path (default bench/results/serve-<host>-<time>.json)")
     args = p.parse_args(argv)
+    if args.spec_repeats < 1:
+        p.error(f"--spec-repeats must be >= 1, got {args.spec_repeats}")
     for lo, hi, name in ((*args.input_len, "input"), (*args.output_len, "output")):
         if not 1 <= lo <= hi:
             p.error(f"--{name}-len needs 1 <= MIN <= MAX, got {lo} {hi}")
