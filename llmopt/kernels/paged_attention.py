@@ -41,7 +41,14 @@ Implementations
   query heads of each GQA group into the query-length axis (no mask needed); a longer
   chunk puts the group into the batch axis with the key/value heads broadcast by a
   stride-0 view, and a bottom-right causal mask (or the kernel's own causal mode for a
-  fresh prefill).
+  fresh prefill). A short causal append (``1 < q_len <= 16`` after a cached prefix, no
+  ``append_masks`` entry: a speculative verification step) runs as ``q_len`` decode rows,
+  row ``r`` of length ``seq_len - q_len + r + 1``: with the native decode kernel each
+  row's output is then bit-identical to decoding that token alone (what plain greedy
+  decoding computes), which int4 models need for speculation to be token-identical
+  (their int8 activation rounding turns last-bit differences into whole steps). The
+  PyTorch decode path (``impl="torch"``) batches rows in one flash call, which is not
+  bit-invariant to the rows beside it.
 * ``gather_sdpa``: plain PyTorch on any device (the CUDA default until the Triton
   kernels have a GPU record, see :mod:`llmopt.kernels.dispatch`): per sequence, gather
   its blocks and run ``scaled_dot_product_attention`` with ``enable_gqa``.
@@ -290,8 +297,9 @@ class CpuStepPlan:
     place. Without it they are attended in a few batched calls: the sequences
     sorted by length and cut into groups of similar length, each group's
     blocks gathered into a padded layout with an additive mask hiding the
-    padding (sorting keeps the padding, and the copy, small). Longer chunks
-    run one call each.
+    padding (sorting keeps the padding, and the copy, small). Short causal
+    appends are decode rows too (one per new token, see :func:`plan_cpu_step`);
+    longer chunks, fresh prefills and token trees run one call each.
     """
 
     def __init__(self, decode: list, table: Tensor, block_size: int, dtype, prefills: list[_PrefillPlan]):
@@ -342,11 +350,22 @@ def _sequence_spans(block_tables, seq_lens, query_start_loc, block_size: int, nu
 
 
 _DECODE_GROUP = 16  # sequences per batched decode call (PyTorch path)
+# Causal appends of at most this many new tokens (not fresh prefills, not token trees) run
+# as that many decode rows: bit-identical to decoding the tokens one by one (speculative
+# verification must reproduce plain greedy decoding exactly), at the cost of reading the
+# sequence's cache once per row instead of once.
+_APPEND_AS_DECODE = 16
 
 
 def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_blocks: int,
                   num_tokens: int, dtype, append_masks=None) -> CpuStepPlan:
-    """``append_masks``: ``{sequence index: (q_len, q_len) bool}``, see the module's contract."""
+    """``append_masks``: ``{sequence index: (q_len, q_len) bool}``, see the module's contract.
+
+    Decode entries are ``(query row, seq_len, blocks, sequence index)``; a causal append of
+    ``1 < q_len <= _APPEND_AS_DECODE`` tokens after a cached prefix becomes ``q_len`` of
+    them (row ``r`` sees the first ``seq_len - q_len + r + 1`` cached tokens: the step's
+    own are written before attention), so the native kernel computes each exactly as a
+    one-token decode step would."""
     table = block_tables.to(torch.int64)
     decode, prefills = [], []
     for i, q0, q1, seq_len, nb in _sequence_spans(block_tables, seq_lens, query_start_loc,
@@ -357,6 +376,13 @@ def plan_cpu_step(block_tables, seq_lens, query_start_loc, block_size: int, num_
                                          append_mask(append_masks[i], seq_len, dtype)))
         elif q_len == 1:
             decode.append((q0, seq_len, nb, i))
+        elif q_len <= _APPEND_AS_DECODE and q_len < seq_len:
+            # A short causal append (a verification step): row r is the decode of the token at
+            # position seq_len - q_len + r, whose keys (this step's included) are cached by now,
+            # so it gets exactly the arithmetic plain decoding gives that token.
+            for r in range(q_len):
+                row_len = seq_len - q_len + r + 1
+                decode.append((q0 + r, row_len, -(-row_len // block_size), i))
         else:
             mask = None if q_len == seq_len else _bottom_right_mask(q_len, seq_len, dtype)
             prefills.append(_PrefillPlan(q0, q1, seq_len, table[i, :nb], mask))

@@ -267,6 +267,45 @@ def test_native_decode_kernel_limits_fall_back(monkeypatch):
     check_step(batch, q_lens, seq_lens, F32, run_op(batch, q_lens, seq_lens), ref)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "hq{}-hkv{}-d{}-bs{}".format(*h))
+def test_short_append_rows_equal_single_decodes(dtype, heads):
+    """A short causal append (a speculative verification step) gives each row, bit for bit,
+    the output of decoding that token alone after the ones before it (what plain greedy
+    decoding computes), for appends that cross block boundaries and ride along with other
+    decodes; and stays right against the fp64 reference. Longer appends, fresh prefills and
+    token trees keep the chunk path."""
+    from llmopt.kernels import native
+
+    if native.load("paged_decode") is None:
+        pytest.skip("no C compiler here: the native decode kernel is not built")
+    hq, hkv, d, bs = heads
+    q_lens = [5, 9, 1, 3, pa._APPEND_AS_DECODE, 2]
+    seq_lens = [bs + 3, 2 * bs + 7, 20, bs + 1, 3 * bs - 1, 2]  # the last: a fresh prefill of 2
+    batch = make_batch(q_lens, seq_lens, hq, hkv, d, bs, dtype)
+    ref = reference(*batch)
+    out = run_op(batch, q_lens, seq_lens)
+    check_step(batch, q_lens, seq_lens, dtype, out, ref)
+    q, k, v, k_cache, v_cache, _, block_tables, _, query_start_loc = batch
+    starts = query_start_loc.tolist()
+    for i, (q_len, seq_len) in enumerate(zip(q_lens[:-1], seq_lens[:-1])):
+        for r in range(q_len):
+            t = starts[i] + r
+            alone = torch.ops.llmopt.paged_attention(  # the cache already holds the step's keys: no write
+                q[t:t + 1], k[t:t + 1], v[t:t + 1], k_cache, v_cache, torch.tensor([-1]), block_tables[i:i + 1],
+                torch.tensor([seq_len - q_len + r + 1]), torch.tensor([0, 1]), 1, seq_len)
+            assert torch.equal(alone[0], out[t]), f"sequence {i} row {r}"
+    plan = pa.plan_cpu_step(block_tables, torch.tensor(seq_lens), query_start_loc, bs, k_cache.shape[0],
+                            q.shape[0], dtype)
+    assert [(p.q0, p.q1) for p in plan.prefills] == [(starts[-2], starts[-1])]  # only the fresh prefill
+    longer = pa.plan_cpu_step(torch.zeros((1, 4), dtype=torch.int32), torch.tensor([50]),
+                              torch.tensor([0, pa._APPEND_AS_DECODE + 1]), 16, 4, 17, dtype)
+    tree = pa.plan_cpu_step(torch.zeros((1, 4), dtype=torch.int32), torch.tensor([50]),
+                            torch.tensor([0, 3]), 16, 4, 3, dtype, append_masks={0: torch.eye(3, dtype=torch.bool)})
+    assert len(longer.prefills) == 1 and len(tree.prefills) == 1
+    assert longer.native_decode is None and tree.native_decode is None
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
