@@ -9,8 +9,6 @@ Settings, in one run at the same thread count:
   plain                 the engine, fp32, no speculation
   ngram-k{K}            prompt lookup (prompt_lookup_max 4), k = K
   draft-int4-k{K}       fp32 target, SmolLM2 int4 (group 32) as the draft model
-  draft-int4-whole-k{K} the same draft compiled whole (WholeModelDraft): its lm_head
-                        is in the graph and quantized too, not run eagerly in fp32
   layer_skip-l{L}-k{K}  the target's first L layers as the draft (SmolLM2 was not
                         trained for early exit)
   int4 plain / int4 ngram-k{K}  an int4 target (compile_options {"quantize": "int4"}),
@@ -150,9 +148,8 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
     parser.add_argument("--model-workloads", nargs="+", default=["grounded"],
                         help="workloads the draft_model and layer_skip rows run (the slow ones)")
-    parser.add_argument("--skip", nargs="*", default=["draft-whole"], help="setting families to skip: "
-                        "int4 draft draft-whole layer_skip llama.cpp concurrency (default: draft-whole, whose "
-                        "SmolLM2 compile failed; --skip with other names runs it)")
+    parser.add_argument("--skip", nargs="*", default=[], help="setting families to skip: "
+                        "ngram int4 draft layer_skip llama.cpp concurrency")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--lower", default="inductor", choices=("inductor", "eager"))
     parser.add_argument("--out")
@@ -210,7 +207,7 @@ def main() -> int:
         plain[w] = (tokens, rate)
         add(w, "plain", 0, rate, tokens, None)
         fp32.engine.speculator = ngram
-        for k in args.ks:
+        for k in ([] if "ngram" in args.skip else args.ks):
             set_k(fp32, k)
             t, r, d, a = run_engine(fp32, prompts, args.max_tokens)
             add(w, f"ngram-k{k}", k, r, t, tokens, d, a, rate)
@@ -247,19 +244,6 @@ def main() -> int:
             for w in model_workloads:
                 t, r, d, a = run_engine(fp32, workloads[w], args.max_tokens)
                 add(w, f"draft-int4-k{k}", k, r, t, plain[w][0], d, a, plain[w][1])
-    if "draft" not in args.skip and "draft-whole" not in args.skip:
-        # The same int4 draft compiled whole: its lm_head inside the graph, so int4 too.
-        from llmopt.models import load
-        from llmopt.runtime.speculative.proposers import WholeModelDraft
-
-        set_speculation(fp32, dict(method="draft_model", model=WholeModelDraft(load("smollm2").model),
-                                   num_speculative_tokens=max(args.draft_ks), model_options={"quantize": "int4"},
-                                   disable_by_batch_size=None))
-        for k in args.draft_ks:
-            set_k(fp32, k)
-            for w in model_workloads:
-                t, r, d, a = run_engine(fp32, workloads[w], args.max_tokens)
-                add(w, f"draft-int4-whole-k{k}", k, r, t, plain[w][0], d, a, plain[w][1])
     if "layer_skip" not in args.skip:
         k = args.layer_skip_k
         for layers in args.layer_skip:
@@ -310,7 +294,7 @@ def _plot(rows, path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for workload in sorted({r["workload"] for r in rows}):
-        for family in ("ngram", "int4 ngram", "draft-int4", "draft-int4-whole", "llama.cpp-lookup"):
+        for family in ("ngram", "int4 ngram", "draft-int4", "llama.cpp-lookup"):
             pts = sorted((r["k"], r["speedup"]) for r in rows if r["workload"] == workload and r["batch"] == 1
                          and r["setting"].startswith(family + "-k"))
             if pts:

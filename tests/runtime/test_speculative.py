@@ -168,6 +168,27 @@ def test_speculation_metrics_per_request_and_per_engine(tokenizer, target):
         assert float(line.split()[-1]) == pytest.approx(value), line
 
 
+def test_draft_model_options_quantize_the_drafts_head_too(tokenizer, target):
+    """``model_options={"quantize": ...}`` act on the draft as ``compile_options`` do on a served
+    model, ``lm_head`` included (the runner compiles its head with them; test_engine.py checks
+    that head against the fully quantized reference): the draft's logits are those of the draft
+    served alone with those options, so no whole-model wrapper is needed for a quantized head."""
+    draft = random_llama(heads="gqa", num_layers=1, seed=1)
+    options = {"quantize": "int8"}
+    llm = LLM(target, tokenizer, lower="eager", num_kv_blocks=16,
+              speculative_config=_spec("draft_model", model=draft, model_options=options))
+    served = LLM(draft, tokenizer, lower="eager", num_kv_blocks=16, compile_options=options)
+    prompt = _prompts(1)[0]
+    bs = served.engine.runner.options.block_size
+    item = [(prompt, 0, list(range(-(-len(prompt) // bs))))]
+    logits = llm.engine.speculator.proposer.runner.execute_packed(item, bs)[0]
+    want = served.engine.runner.execute_packed(item, bs)[0]
+    with torch.no_grad():
+        float_model = draft(torch.tensor([prompt])).logits[0, -1]
+    assert (logits - want).abs().max().item() < 1e-6
+    assert (float_model - want).abs().max().item() > 1e-3  # the check above can tell
+
+
 def test_bad_speculative_configs_are_clear_errors(tokenizer, target):
     for config, match in (
             (dict(method="ngram", num_speculative_tokens=0), "num_speculative_tokens must be an int >= 1"),

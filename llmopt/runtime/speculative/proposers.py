@@ -183,23 +183,3 @@ def _config_error(message: str):
     from llmopt.errors import LLMOptConfigError
 
     return LLMOptConfigError(f"speculative_config: {message}")
-
-
-class WholeModelDraft(torch.nn.Module):
-    """A Hugging Face causal LM run whole, ``lm_head`` inside the compiled graph.
-
-    The model runner normally compiles the decoder only and applies
-    ``lm_head`` eagerly to the rows that sample, so compile options such as
-    ``{"quantize": "int4"}`` leave the head in float; for SmolLM2 the head
-    (576 x 49152) is as many bytes per step as the rest of an int4 model. A
-    draft wrapped in this class is compiled with its head, which its compile
-    options then quantize too (a cheaper, slightly less faithful draft).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner = model
-        self.config = model.config  # the vocabulary check reads it; no get_decoder: run whole
-
-    def forward(self, input_ids, position_ids):
-        return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
