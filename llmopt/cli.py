@@ -449,7 +449,7 @@ def _add_export_onnx_parser(commands) -> None:
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="weights and activations dtype (default float32)")
     exp.add_argument("--quantize", choices=("int4", "int8"), help="weight-only quantization of linear layers")
-    exp.add_argument("--group-size", type=_positive_int, help="int4 group length (32, 64, 128 or 256; default 128)")
+    exp.add_argument("--group-size", type=_positive_int, help="int4 group length (32, 64, 128 or 256; default 32)")
     exp.add_argument("--quantize-skip", nargs="+", metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     exp.add_argument("--no-kv-cache", action="store_true",
                      help="no past/present inputs and outputs: every call attends over its own tokens only")

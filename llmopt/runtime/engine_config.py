@@ -43,7 +43,7 @@ class EngineConfig:
             graph runs, e.g. ``{"paged_attention": "gather_sdpa"}``.
         compile_options: more ``torch.compile(backend="llmopt")`` options for
             the served model, e.g. ``{"quantize": "int4"}`` or
-            ``{"prune": "2:4"}``; ``paged_kv``, ``lower`` and ``kernels`` are
+            ``{"prune": {"pattern": "2:4"}}``; ``paged_kv``, ``lower`` and ``kernels`` are
             the engine's own (set them through the fields above).
         speculative_config: speculative decoding (a dict or
             ``SpeculativeConfig``: ``method`` "ngram" / "draft_model" /
