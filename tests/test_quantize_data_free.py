@@ -134,7 +134,7 @@ def test_int8_mse_picks_each_rows_best_clip_and_never_loses_to_max():
 def test_defaults_without_calibration_are_the_documented_methods():
     assert QuantConfig("int4").resolved_method(calibrated=False) == DEFAULT_DATA_FREE_METHOD == "rtn"
     assert QuantConfig("int4").resolved_method(calibrated=True) == "gptq"
-    assert QuantConfig("int8").resolved_method(calibrated=False) == DEFAULT_INT8_METHOD
+    assert QuantConfig("int8").resolved_method(calibrated=False) == DEFAULT_INT8_METHOD == "mse"
     assert QuantConfig("int4", method="hqq").resolved_method(calibrated=False) == "hqq"
 
 
@@ -154,6 +154,25 @@ def test_compiling_with_quantize_int4_installs_the_default_method():
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
     assert any(not torch.equal(want.layers[n].tensors["scales_zeros"], other.layers[n].tensors["scales_zeros"])
                for n in want.layers)
+
+
+def test_compiling_with_quantize_int8_installs_the_clip_search():
+    """``quantize="int8"`` rounds each row with its least-squares clip (the default), not its max |w|."""
+    # down_proj's rows of 4096: long enough that a clip below max |w| pays in most of them
+    model = random_llama(heads="gqa", num_layers=1, intermediate_size=4096)
+    ids = torch.randint(0, 256, (1, 12), generator=_generator(7))
+    want = quantize_weights(model, QuantConfig("int8", method="mse"))
+    rtn = quantize_weights(model, QuantConfig("int8", method="rtn"))
+    name = "model.layers.0.mlp.down_proj"  # rows that clip: the check can tell the two apart
+    assert not torch.equal(want.layers[name].tensors["scales"], rtn.layers[name].tensors["scales"])
+    swapped = {f"{n}.weight": layer.dequantize() for n, layer in want.layers.items()}
+    with torch.no_grad():
+        reference = torch.func.functional_call(model, swapped, (ids,), tie_weights=False).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="llmopt", options={
+            "lower": "eager", "quantize": "int8", "kernels": {"quant_cpu_dtype": "float32"}})
+        got = compiled(ids).logits
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode, method, message", [
