@@ -253,6 +253,7 @@ def test_compile_options_quantize_the_served_model(tokenizer):
     (exactness mode keeps the arithmetic in fp32, so only the weights differ)."""
     import copy
 
+    from llmopt.quantization.config import DEFAULT_INT8_METHOD
     from llmopt.quantization.quantize import quantize_count, quantize_weight
 
     model = random_llama(heads="gqa", num_layers=2)
@@ -260,7 +261,7 @@ def test_compile_options_quantize_the_served_model(tokenizer):
     with torch.no_grad():
         for name, module in reference.named_modules():
             if isinstance(module, torch.nn.Linear):  # lm_head too: the runner compiles it quantized
-                module.weight.copy_(quantize_weight(module.weight, "int8").dequantize())
+                module.weight.copy_(quantize_weight(module.weight, "int8", method=DEFAULT_INT8_METHOD).dequantize())
     before = quantize_count()
     llm = LLM(model, tokenizer, lower="eager", num_kv_blocks=64, compile_options={"quantize": "int8"},
               kernels={"quant_cpu_dtype": "float32"})
