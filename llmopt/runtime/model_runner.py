@@ -14,9 +14,13 @@ called with ``use_cache=False``; for those with a plain ``lm_head`` the
 compiled part stops at the decoder's hidden states and only the sampled rows
 go through the head, so a prefill does not compute T x vocab logits.
 
-Shapes: T is marked dynamic, so one graph serves every step; Dynamo would
-still specialise T == 1 (a single decoding sequence), so such steps get one
-padding token (written nowhere, attending nowhere) instead of a recompile.
+Shapes: T is marked dynamic, so one graph serves every step of two tokens
+or more. Dynamo would still specialise T == 1 (a single decoding sequence):
+on CPU such steps run a second compiled graph of their own, made for T == 1
+on first use, because padding them to two rows costs more than the compile
+(MKL's fp32 product of two rows runs far slower than its one-row product on
+some CPUs: docs/PERFORMANCE.md, "Decode"); on other devices they get one
+padding token (written nowhere, attending nowhere) instead.
 
 Guards: every step runs Dynamo's guard checks before the graph. The runner
 keeps those on its inputs (``input_ids``, ``position_ids``: dtype, device,
@@ -40,7 +44,7 @@ from llmopt.runtime import token_tree
 from llmopt.runtime.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
 from llmopt.runtime.scheduler import ScheduledSequence
 
-_MIN_TOKENS = 2  # pad single-token steps: Dynamo specialises sizes 0 and 1
+_MIN_TOKENS = 2  # pad single-token steps off CPU: Dynamo specialises sizes 0 and 1
 
 
 @dataclass
@@ -64,11 +68,15 @@ class ModelRunner:
         self.decoder, self.head = _split_head(model)
         # isolate_recompiles: this runner's entries are its own, not shared with every other
         # runner's (all compile the same _forward code), so no guard needs to tell runners apart.
+        step_options = {**(options.compile_options or {}), "paged_kv": True, "lower": options.lower,
+                        "kernels": options.kernels, "guard_filter_fn": keep_step_guards}
         self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False, isolate_recompiles=True,
-                                       options={**(options.compile_options or {}),
-                                                "paged_kv": True, "lower": options.lower,
-                                                "kernels": options.kernels,
-                                                "guard_filter_fn": keep_step_guards})
+                                       options=step_options)
+        # Single-token steps (T == 1) in a graph of their own on CPU (see the module docstring);
+        # its own region, so the served graph's entries and guards stay those of T >= 2.
+        self._compiled_single = (torch.compile(self._forward, backend="llmopt", dynamic=False,
+                                               isolate_recompiles=True, options=step_options)
+                                 if self.device.type == "cpu" else None)
         self._head = self.head
         if self.head is not None and (options.compile_options or {}).get("quantize"):
             # The head runs outside the paged graph (on the sampled rows only); compiled with the
@@ -86,7 +94,7 @@ class ModelRunner:
         if self._head is self.head:
             return self.head(rows)
         count = rows.shape[0]
-        if count < _MIN_TOKENS:  # one row: pad, as single-token steps are (Dynamo specialises size 1)
+        if count < _MIN_TOKENS:  # one row: pad (Dynamo specialises size 1; the quantized head is row-cheap)
             rows = torch.cat([rows, rows.new_zeros((_MIN_TOKENS - count, rows.shape[1]))])
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         return self._head(rows)[:count]
@@ -167,7 +175,7 @@ class ModelRunner:
     def _run_packed(self, token_ids, positions, slots, starts, seq_lens, tables, logit_rows,
                     append_masks=None) -> Tensor:
         num_real = len(token_ids)
-        pad = max(0, _MIN_TOKENS - num_real)
+        pad = 0 if num_real == 1 and self._compiled_single is not None else max(0, _MIN_TOKENS - num_real)
         token_ids = token_ids + [0] * pad
         positions = list(positions) + [0] * pad
         slots = slots + [-1] * pad
@@ -191,10 +199,14 @@ class ModelRunner:
             step.max_query_len, step.max_seq_len, append_masks=step.append_masks)
         input_ids = token_ids.to(device)[None]
         position_ids = positions.to(device)[None]
-        torch._dynamo.maybe_mark_dynamic(input_ids, 1)
-        torch._dynamo.maybe_mark_dynamic(position_ids, 1)
+        compiled = self._compiled
+        if input_ids.shape[1] == 1 and self._compiled_single is not None:
+            compiled = self._compiled_single  # static T == 1
+        else:
+            torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+            torch._dynamo.maybe_mark_dynamic(position_ids, 1)
         with paged_step(self.kv_cache, step):
-            hidden = self._compiled(input_ids, position_ids)
+            hidden = compiled(input_ids, position_ids)
         rows = hidden[0].index_select(0, logit_rows.to(device))
         logits = self._run_head(rows) if self.head is not None else rows
         return logits.float()
