@@ -16,8 +16,9 @@ go through the head, so a prefill does not compute T x vocab logits.
 
 Shapes: T is marked dynamic, so one graph serves every step of two tokens
 or more. Dynamo would still specialise T == 1 (a single decoding sequence):
-on CPU such steps run a second compiled graph of their own, made for T == 1
-on first use, because padding them to two rows costs more than the compile
+on CPU with ``lower="inductor"`` such steps run a second compiled graph of
+their own, made for T == 1 on first use, because padding them to two rows
+costs more than the compile
 (MKL's fp32 product of two rows runs far slower than its one-row product on
 some CPUs: docs/PERFORMANCE.md, "Decode"); on other devices they get one
 padding token (written nowhere, attending nowhere) instead.
@@ -73,10 +74,12 @@ class ModelRunner:
         self._compiled = torch.compile(self._forward, backend="llmopt", dynamic=False, isolate_recompiles=True,
                                        options=step_options)
         # Single-token steps (T == 1) in a graph of their own on CPU (see the module docstring);
-        # its own region, so the served graph's entries and guards stay those of T >= 2.
+        # its own region, so the served graph's entries and guards stay those of T >= 2. Only
+        # for lower="inductor" (the served default): "eager" is for tests and debugging, where
+        # the second trace costs more than its speed is worth.
         self._compiled_single = (torch.compile(self._forward, backend="llmopt", dynamic=False,
                                                isolate_recompiles=True, options=step_options)
-                                 if self.device.type == "cpu" else None)
+                                 if self.device.type == "cpu" and options.lower == "inductor" else None)
         self._head = self.head
         if self.head is not None and (options.compile_options or {}).get("quantize"):
             # The head runs outside the paged graph (on the sampled rows only); compiled with the

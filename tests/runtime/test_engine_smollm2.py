@@ -75,6 +75,7 @@ def test_sixteen_prompts_together_match_hf_generate(llm, plain_prompts):
     assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
+@pytest.mark.long  # CI time; prefix-cache identity on random models stays in test_engine.py
 def test_shared_system_prompt_hits_the_prefix_cache(llm, smollm2):
     prompts = [_chat(smollm2.tokenizer, q, SYSTEM) for q in QUESTIONS[:8]]
     expected = [_hf_generate(smollm2.model, p) for p in prompts]
@@ -84,6 +85,7 @@ def test_shared_system_prompt_hits_the_prefix_cache(llm, smollm2):
     assert all(o.metrics.num_prefix_hit_tokens >= 32 for o in rest)
 
 
+@pytest.mark.long  # CI time; preemption identity on random models stays in test_engine.py
 def test_tiny_kv_pool_preempts_and_stays_identical(smollm2, plain_prompts):
     prompts, expected = plain_prompts
     # 16 blocks of 16 tokens = 256 tokens for 16 sequences of ~40-70 tokens each.
