@@ -18,10 +18,9 @@ Shapes: T is marked dynamic, so one graph serves every step of two tokens
 or more. Dynamo would still specialise T == 1 (a single decoding sequence):
 on CPU with ``lower="inductor"`` such steps run a second compiled graph of
 their own, made for T == 1 on first use, because padding them to two rows
-costs more than the compile
-(MKL's fp32 product of two rows runs far slower than its one-row product on
-some CPUs: docs/PERFORMANCE.md, "Decode"); on other devices they get one
-padding token (written nowhere, attending nowhere) instead.
+costs more than the compile (MKL's fp32 product of two rows runs far slower
+than its one-row product on some CPUs: docs/PERFORMANCE.md, "Decode");
+otherwise they get one padding token (written nowhere, attending nowhere).
 
 Guards: every step runs Dynamo's guard checks before the graph. The runner
 keeps those on its inputs (``input_ids``, ``position_ids``: dtype, device,
@@ -45,7 +44,7 @@ from llmopt.runtime import token_tree
 from llmopt.runtime.paged_context import LayerSpec, PagedKVCache, PagedStep, paged_step
 from llmopt.runtime.scheduler import ScheduledSequence
 
-_MIN_TOKENS = 2  # pad single-token steps off CPU: Dynamo specialises sizes 0 and 1
+_MIN_TOKENS = 2  # pad single-token steps without a single-token graph: Dynamo specialises sizes 0 and 1
 
 
 @dataclass
