@@ -343,7 +343,7 @@ def run_dtype(args, dtype: str) -> dict:
                 (ons if mode is not None else offs).append((result, tokens))
         reference = reference or offs[0][1]
         off, off_tokens = _median_run(offs)
-        on, on_tokens = _median_run(ons)
+        on, _ = _median_run(ons)
         on.same_tokens_as_llmopt = all(t == off_tokens for _, t in ons)
         sweep.append(off)
         spec_sweep.append(on)
