@@ -11,8 +11,10 @@ Three tasks, each its own record (bench/results/<name>-<host>-<time>.json):
               storages, parameters excluded, counted with saved_tensors_hooks; the
               compiled graphs' saved tensors go through the hooks too) on CPU, the peak
               allocated memory on CUDA. Record ``train``, plot next to it.
-  distill     recover a 2:4-pruned SmolLM2 (magnitude, every linear but lm_head; the
-              zeros are kept zero while training) from the fp32 teacher: train on
+  distill     recover a pruned SmolLM2 from the fp32 teacher (``--student``: 2:4 magnitude
+              pruning of every linear but lm_head, the zeros kept zero while training,
+              or ``heads`` / ``channels``: ``--student-sparsity`` of the KV-head groups /
+              MLP channels of every layer removed, the projections shrunk): train on
               macbeth.txt, held-out perplexity on tempest.txt (another play). Rows:
               teacher, student before, after distillation (``--minutes`` of training,
               the steps it reached), after plain fine-tuning with the same steps and
@@ -247,7 +249,14 @@ def task_distill(args) -> dict:
     seq_len = args.seq_len or (64 if args.tiny else 128)
     train = _windows(_tokens(tokenizer, TRAIN_TEXT, vocab, seed=1), seq_len)
     heldout = _windows(_tokens(tokenizer, HELDOUT_TEXT, vocab, count=args.heldout_tokens, seed=2), seq_len)
-    pruned = prune_model(copy.deepcopy(teacher), PruneConfig(method="magnitude", pattern="2:4"))
+    if args.student == "2:4":
+        prune = PruneConfig(method="magnitude", pattern="2:4")
+        student_desc = "2:4 magnitude pruning of every linear but lm_head (zeros kept zero)"
+    else:  # heads / channels: the projections shrink, nothing to keep at zero
+        prune = PruneConfig(method="magnitude", pattern=args.student, sparsity=args.student_sparsity)
+        student_desc = (f"structured magnitude pruning: {args.student_sparsity:.0%} of the "
+                        f"{'KV-head groups' if args.student == 'heads' else 'MLP channels'} of every layer removed")
+    pruned = prune_model(copy.deepcopy(teacher), prune)
     print(f"{len(train)} training windows of {seq_len} tokens, {len(heldout)} held-out", flush=True)
     table = {"teacher": _perplexity(teacher, heldout)}
     print(f"teacher {table['teacher']:.2f}", flush=True)
@@ -281,12 +290,13 @@ def task_distill(args) -> dict:
     print(f"\n{'model':<26} {'held-out ppl':>12}")
     for name, value in table.items():
         print(f"{name:<26} {value:>12.2f}")
-    print(f"distillation recovered {recovered:.0%} of the perplexity 2:4 pruning lost "
+    print(f"distillation recovered {recovered:.0%} of the perplexity {args.student} pruning lost "
           f"(target >= 50% within {args.minutes} min: {'met' if recovered >= 0.5 else 'NOT met'})")
     return {"perplexity": table, "recovered_fraction": recovered, "steps": steps,
             "distill_seconds": distilled.train_seconds, "finetune_seconds": tuned.train_seconds,
             "distill_losses": distilled.losses, "finetune_losses": tuned.losses,
-            "settings": {"student": "2:4 magnitude pruning of every linear but lm_head (zeros kept zero)",
+            "settings": {"student": student_desc, "student_pattern": args.student,
+                         "student_sparsity": 0.5 if args.student == "2:4" else args.student_sparsity,
                          "train_text": TRAIN_TEXT.name, "heldout_text": HELDOUT_TEXT.name,
                          "heldout_tokens": sum(w.numel() for w in heldout), "seq_len": seq_len,
                          "batch": args.batch, "lr": args.lr, "optimizer": "AdamW", "minutes": args.minutes,
@@ -379,6 +389,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="distill/early-exit: sequences per step")
     parser.add_argument("--lr", type=float, default=None, help="distill (2e-4) / early-exit (5e-5) learning rate")
     parser.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens of tempest.txt")
+    parser.add_argument("--student", default="2:4", choices=("2:4", "heads", "channels"),
+                        help="distill: how the student is pruned from SmolLM2")
+    parser.add_argument("--student-sparsity", type=float, default=0.25,
+                        help="distill: fraction of KV-head groups / MLP channels removed (heads, channels)")
     parser.add_argument("--loss", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--ce-weight", type=float, default=0.0)

@@ -123,6 +123,13 @@ class Trainer:
         self._check_recompute(model)
         recompute_mod.apply(model, cfg.recompute)
         self.train_model = self._wrap(model)
+        # Under Inductor the loss is one fused kernel over the logits each way (slice, upcast,
+        # log-softmax, gather) instead of eager ops that each write a logits-sized tensor.
+        # Straight to Inductor: llmopt has nothing to rewrite there, and the model's Report
+        # stays llmopt.last_report().
+        lower = dict(cfg.compile_options or {}).get("lower", "inductor")
+        self._cross_entropy_sum = (torch.compile(_cross_entropy_sum, backend="inductor")
+                                   if cfg.compile and lower == "inductor" else _cross_entropy_sum)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
@@ -220,7 +227,8 @@ class Trainer:
         number of those tokens). Targets follow Hugging Face's shift: position t predicts
         ``labels[t + 1]``; the loss is taken in fp32."""
         outputs = self.forward(model, batch)
-        return token_cross_entropy(outputs.logits, batch["labels"].to(self.device))
+        labels = batch["labels"].to(self.device)
+        return self._cross_entropy_sum(outputs.logits, labels), int((labels[:, 1:] != data_mod.IGNORE).sum())
 
     def extra_loss(self, model, batch: dict, outputs) -> Optional[torch.Tensor]:
         """Extra terms of this micro-batch (sums over its tokens; see the class docstring)."""
@@ -415,12 +423,14 @@ class Trainer:
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropies of ``logits[:, :-1]`` against ``labels[:, 1:]`` where the
     label is not -100, their count), in fp32 (fp64 if the logits are fp64)."""
+    return _cross_entropy_sum(logits, labels), int((labels[:, 1:] != data_mod.IGNORE).sum())
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1]
-    targets = labels[:, 1:]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1),
-                             ignore_index=data_mod.IGNORE, reduction="sum")
-    return summed, int((targets != data_mod.IGNORE).sum())
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), labels[:, 1:].reshape(-1),
+                           ignore_index=data_mod.IGNORE, reduction="sum")
 
 
 def _pad_id(model, tokenizer) -> int:
