@@ -10,7 +10,8 @@ Three tasks, each its own record (bench/results/<name>-<host>-<time>.json):
               and the bytes saved for backward during one training forward (distinct
               storages, parameters excluded, counted with saved_tensors_hooks; the
               compiled graphs' saved tensors go through the hooks too) on CPU, the peak
-              allocated memory on CUDA. Record ``train``, plot next to it.
+              allocated memory on CUDA. Each setting runs in a fresh process
+              (``--same-process``: all in this one). Record ``train``, plot next to it.
   distill     recover a pruned SmolLM2 from the fp32 teacher (``--student``: 2:4 magnitude
               pruning of every linear but lm_head, the zeros kept zero while training,
               or ``heads`` / ``channels``: ``--student-sparsity`` of the KV-head groups /
@@ -128,29 +129,46 @@ def _trainer_run(model, ids: torch.Tensor, recompute: str, steps: int, warmup: i
             "first_step_s": result.steps[0]["seconds"]}
 
 
-def task_speed(args, on_row=None) -> dict:
+def _speed_row(args, length: int, mode: str | None) -> dict:
+    """One setting's figures, measured in this process."""
     base, _ = _model(args.tiny)
+    ids = torch.randint(0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    if mode is None:
+        return _plain_loop(base, ids, args.steps, args.warmup)
+    return _trainer_run(base, ids, mode, args.steps, args.warmup, args.lower)
+
+
+def _speed_row_in_child(args, length: int, mode: str | None) -> dict:
+    """The same in a fresh Python process: each setting starts from an empty heap and no
+    Dynamo state, so no setting pays for the memory layout another one left behind (in one
+    process, the settings after the first measured up to 25% slower on alternate steps)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, str(Path(__file__).resolve()), "--task", "speed", "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--lower", args.lower, "--_row", str(length), mode or "plain",
+                   out.name] + (["--tiny"] if args.tiny else []) + (["--threads", str(args.threads)]
+                                                                   if args.threads else [])
+        subprocess.run(command, check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def task_speed(args, on_row=None) -> dict:
     seq_lens = args.seq_lens or ([64, 128] if args.tiny else [512, 1024])
-    vocab = base.config.vocab_size
     rows = []
     for length in seq_lens:
-        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
         settings = [("plain eager", None)] + [(f"llmopt recompute={m}", m) for m in args.recompute]
         for name, mode in settings:
-            torch._dynamo.reset()
-            model = copy.deepcopy(base)
             print(f"[{length} tokens] {name} ...", flush=True)
-            if mode is None:
-                figures = _plain_loop(model, ids, args.steps, args.warmup)
-            else:
-                figures = _trainer_run(model, ids, mode, args.steps, args.warmup, args.lower)
+            figures = (_speed_row(args, length, mode) if args.same_process
+                       else _speed_row_in_child(args, length, mode))
             figures.update(setting=name, seq_len=length, tokens_per_s=length / figures["step_s"])
             rows.append(figures)
             if on_row is not None:  # a run cut short still leaves its rows
                 on_row(_speed_figures(rows, seq_lens, args, complete=False))
             print(f"  step {figures['step_s']:.3f} s  {figures['tokens_per_s']:.1f} tok/s  "
                   f"saved {figures['saved_bytes'] / 2**20:.1f} MiB", flush=True)
-            del model
     return _speed_figures(rows, seq_lens, args, complete=True, show=True)
 
 
@@ -168,7 +186,8 @@ def _speed_figures(rows: list, seq_lens: list, args, complete: bool, show: bool 
         _print_speed_table(rows)
     return {"rows": rows, "complete": complete,
             "settings": {"seq_lens": seq_lens, "steps": args.steps, "warmup": args.warmup,
-                         "batch": 1, "lower": args.lower, "optimizer": "AdamW lr 1e-5"}}
+                         "batch": 1, "lower": args.lower, "optimizer": "AdamW lr 1e-5",
+                         "process_per_setting": not args.same_process}}
 
 
 def _print_speed_table(rows: list) -> None:
@@ -383,6 +402,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="speed: timed steps (3); early-exit: steps (10)")
     parser.add_argument("--warmup", type=int, default=1, help="speed: untimed first steps (compiling)")
     parser.add_argument("--lower", default="inductor", choices=("inductor", "eager"), help="speed: llmopt lowering")
+    parser.add_argument("--same-process", action="store_true",
+                        help="speed: run every setting in this process (default: a fresh process each)")
+    parser.add_argument("--_row", nargs=3, metavar=("LEN", "MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--minutes", type=float, default=None,
                         help="distill (20) / early-exit (none: --steps only): training time budget")
     parser.add_argument("--seq-len", type=int, help="distill/early-exit: window length (128)")
@@ -412,6 +434,11 @@ def main(argv=None) -> int:
         args.minutes = 20.0
     if args.tiny and args.minutes:
         args.minutes = min(args.minutes, 0.2)
+    if args._row:  # a child of task_speed: one setting, figures to a file
+        length, mode, out = args._row
+        figures = _speed_row(args, int(length), None if mode == "plain" else mode)
+        Path(out).write_text(json.dumps(figures))
+        return 0
     load_start = os.getloadavg()
     name = {"speed": "train", "distill": "train_distill", "early-exit": "train_early_exit"}[args.task]
     path = None
