@@ -31,7 +31,7 @@ AVAILABLE_LOWERING_TARGETS = ("inductor", "eager", "tensorrt")
 # exactly these): named here so that 'disable_passes' is checked without
 # importing the passes.
 PASS_NAMES = ("fuse_attention", "shard_tensor_parallel", "page_kv_cache", "prune_linear", "quantize_linear",
-              "eliminate_dead_code")
+              "route_dense_linear", "eliminate_dead_code")
 
 
 @dataclass(frozen=True)

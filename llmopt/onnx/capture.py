@@ -52,7 +52,9 @@ def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: 
 def capture(model: torch.nn.Module, config: LLMOptConfig, vocab_size: int) -> CapturedGraph:
     # Exactness mode: the quantize pass then installs fp32 scales (not the bf16 ones of
     # llmopt's CPU kernels) and fp32 arithmetic, as ONNX Runtime computes in fp32.
-    config = config.replace(kernels=dataclasses.replace(config.kernels, quant_cpu_dtype="float32"))
+    # fp32 linears stay F.linear (ONNX MatMul): llmopt::dense_linear is a CPU kernel choice only.
+    config = config.replace(kernels=dataclasses.replace(config.kernels, quant_cpu_dtype="float32"),
+                            disable_passes=tuple(dict.fromkeys((*config.disable_passes, "route_dense_linear"))))
     inputs = _example_inputs(vocab_size, _device_of(model))
     report, graphs, outputs = Report(), [], []
 

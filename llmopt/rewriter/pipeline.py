@@ -22,6 +22,7 @@ from llmopt.passes.fuse_attention import FuseAttention
 from llmopt.passes.page_kv_cache import PageKVCache
 from llmopt.passes.prune_linear import PruneLinear
 from llmopt.passes.quantize_linear import QuantizeLinear
+from llmopt.passes.route_dense_linear import RouteDenseLinear
 from llmopt.passes.shard_tensor_parallel import ShardTensorParallel
 from llmopt.passes.graph_utils import fake_value, known_equal, nested_graph_modules
 from llmopt.rewriter.log import logger, warn_fallback
@@ -34,6 +35,7 @@ PIPELINE: tuple[GraphPass, ...] = (
     PageKVCache(),
     PruneLinear(),  # before any quantize pass: quantize the pruned weights
     QuantizeLinear(),
+    RouteDenseLinear(),  # after quantization: the fp32 linears it left
     EliminateDeadCode(),
 )
 

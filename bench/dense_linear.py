@@ -1,0 +1,123 @@
+"""fp32 few-row linear layers on CPU: llmopt::dense_linear's C kernel against F.linear (MKL).
+
+SmolLM2-135M's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576, down
+576x1536, the tied head 49152x576) at 1, 2, 4, 8 and 16 rows: the time per call
+(median of repeats, each over a set of weight copies that together exceed the
+last-level cache, so every call reads its weight from memory as a decode step
+does), the weight bytes read per second, and the ratio. The read limit beside it
+is the fastest sum over one fp32 buffer the size of those weight copies. The
+crossover (rows where F.linear becomes the faster) is what
+``DEFAULT_NATIVE_ROWS`` in ``llmopt/kernels/dense_linear.py`` follows.
+
+    flock /tmp/bench.lock python bench/dense_linear.py [--threads 2] [--rows 1 2 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, versions, write_record  # noqa: E402
+
+SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate/up_proj": (1536, 576),
+          "down_proj": (576, 1536), "lm_head": (49152, 576)}
+
+
+def _copies(n: int, k: int, total_bytes: int) -> list[torch.Tensor]:
+    count = max(2, -(-total_bytes // (n * k * 4)))
+    return [torch.randn(n, k) for _ in range(count)]
+
+
+def _time(fn, weights, x, repeats: int) -> float:
+    for w in weights[:2]:
+        fn(x, w)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            fn(x, w)
+        runs.append((time.perf_counter() - start) / len(weights))
+    return statistics.median(runs)
+
+
+def read_limit(total_bytes: int) -> float:
+    buffer = torch.ones(total_bytes // 4)
+    best = min(_timed_sum(buffer) for _ in range(7))
+    return total_bytes / best
+
+
+def _timed_sum(buffer: torch.Tensor) -> float:
+    start = time.perf_counter()
+    buffer.sum()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--megabytes", type=int, default=1024,
+                        help="weight copies per shape, in MB (more than the last-level cache)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from llmopt.kernels import dense_linear as dl
+
+    if not dl.native_dense_available():
+        print("the C kernel does not build here: nothing to compare")
+        return 1
+    native = lambda x, w: dl.dense_linear(x, w, None, 1 << 30)  # noqa: E731  (always the kernel)
+    load_start = os.getloadavg()
+    total = args.megabytes * 2**20
+    limit = read_limit(total)
+    print(f"read limit: {limit / 1e9:.1f} GB/s (sum over {args.megabytes} MB, {torch.get_num_threads()} threads)")
+    rows_out = []
+    print(f"{'layer':<14} {'N x K':>11} {'rows':>4} {'F.linear us':>11} {'GB/s':>6} {'native us':>9} {'GB/s':>6} "
+          f"{'speedup':>7}")
+    for name, (n, k) in SHAPES.items():
+        weights = _copies(n, k, total)
+        for m in args.rows:
+            x = torch.randn(m, k)
+            torch.testing.assert_close(native(x, weights[0]), F.linear(x, weights[0]), atol=1e-3, rtol=1e-4)
+            torch_s = _time(F.linear, weights, x, args.repeats)
+            native_s = _time(native, weights, x, args.repeats)
+            nbytes = n * k * 4
+            row = {"layer": name, "n": n, "k": k, "rows": m, "torch_us": torch_s * 1e6, "native_us": native_s * 1e6,
+                   "torch_gb_s": nbytes / torch_s / 1e9, "native_gb_s": nbytes / native_s / 1e9,
+                   "speedup": torch_s / native_s}
+            rows_out.append(row)
+            print(f"{name:<14} {f'{n}x{k}':>11} {m:>4} {row['torch_us']:>11.1f} {row['torch_gb_s']:>6.1f} "
+                  f"{row['native_us']:>9.1f} {row['native_gb_s']:>6.1f} {row['speedup']:>6.2f}x", flush=True)
+        del weights
+    crossover = {}
+    for m in args.rows:
+        mine = [r for r in rows_out if r["rows"] == m]
+        # a decode step's weighting: each layer's bytes
+        torch_total = sum(r["torch_us"] * (30 if r["layer"] != "lm_head" else 1) *
+                          (2 if "/" in r["layer"] else 1) for r in mine)
+        native_total = sum(r["native_us"] * (30 if r["layer"] != "lm_head" else 1) *
+                           (2 if "/" in r["layer"] else 1) for r in mine)
+        crossover[m] = {"torch_ms_per_step": torch_total / 1e3, "native_ms_per_step": native_total / 1e3}
+        print(f"SmolLM2 linears of one step at {m} rows: F.linear {torch_total / 1e3:.1f} ms, "
+              f"native {native_total / 1e3:.1f} ms ({torch_total / native_total:.2f}x)")
+    record = {"benchmark": "dense_linear", "machine": machine(load_start), "versions": versions(),
+              "settings": {"megabytes": args.megabytes, "repeats": args.repeats, "rows": args.rows,
+                           "default_native_rows": dl.DEFAULT_NATIVE_ROWS},
+              "read_limit_gb_s": limit / 1e9, "rows": rows_out, "smollm2_step": crossover}
+    path = write_record("dense_linear", record, args.out)
+    print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

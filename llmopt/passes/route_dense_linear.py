@@ -1,0 +1,78 @@
+"""Route fp32 CPU linear layers of inference graphs to ``llmopt::dense_linear``.
+
+Every ``F.linear`` left in float by the quantize pass whose weight and input are
+fp32 on CPU becomes one call of :func:`llmopt.kernels.dense_linear.dense_linear`
+with the same arguments: calls of at most ``native_rows`` rows (decode steps)
+run llmopt's C kernel, larger ones (prefill) stay ``F.linear``, decided per call
+from the input's shape. The weight node is the same one (no copy is made), so
+the graph still reads the model's parameter.
+
+Left alone: graphs that compute gradients (the op has no autograd formula),
+other dtypes and devices, and every linear when ``kernels.native`` is off or the
+C kernel does not build on this machine (the Report notes which).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule
+
+from llmopt.kernels.dense_linear import DEFAULT_NATIVE_ROWS, dense_linear, native_dense_available
+from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
+from llmopt.passes.graph_utils import copy_location_meta, fake_value, module_path
+
+KIND = "dense_linear"
+LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+
+
+class RouteDenseLinear(GraphPass):
+    name = "route_dense_linear"
+
+    def enabled(self, config) -> bool:
+        return config.kernels.native and super().enabled(config)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_FUNCTIONS]
+        if not linears:
+            return result
+        if ctx.training:
+            result.notes.append("graph computes gradients: fp32 linears stay F.linear")
+            return result
+        if not native_dense_available():
+            result.notes.append("the C kernel f32_gemv does not build here: fp32 linears stay F.linear")
+            return result
+        for node in linears:
+            layer = module_path(node)
+            x, weight = node.args[0] if node.args else node.kwargs.get("input"), _arg(node, 1, "weight")
+            bias = _arg(node, 2, "bias")
+            why = _why_not(fake_value(x), fake_value(weight))
+            if why:
+                result.skipped.append(Skipped(KIND, layer, why))
+                continue
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_function(dense_linear, (x, weight, bias, DEFAULT_NATIVE_ROWS))
+            copy_location_meta(node, call)
+            call.meta["example_value"] = fake_value(node)
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+            n, k = fake_value(weight).shape
+            result.rewrites.append(Rewrite(KIND, layer, f"fp32 {n}x{k}: calls of <= {DEFAULT_NATIVE_ROWS} rows "
+                                           "run llmopt's C kernel, larger ones F.linear", impl="native"))
+        return result
+
+
+def _arg(node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _why_not(x, weight) -> str:
+    """Why this linear stays ``F.linear`` ("" if it is routed)."""
+    if not isinstance(weight, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return "no example value for the input or the weight"
+    if weight.dim() != 2 or weight.dtype != torch.float32 or x.dtype != torch.float32:
+        return f"input {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: the kernel is for fp32"
+    if weight.device.type != "cpu" or x.device.type != "cpu":
+        return f"on {weight.device.type}: the kernel is for CPU"
+    return ""
