@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if not dl.native_dense_available():
         print("the C kernel does not build here: nothing to compare")
         return 1
-    native = lambda x, w: dl.dense_linear(x, w, None, 1 << 30)  # noqa: E731  (always the kernel)
+    native = lambda x, w: dl.dense_linear(x, w, None, 1, 1 << 30)  # noqa: E731  (always the kernel)
     load_start = os.getloadavg()
     total = args.megabytes * 2**20
     limit = read_limit(total)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
               f"native {native_total / 1e3:.1f} ms ({torch_total / native_total:.2f}x)")
     record = {"benchmark": "dense_linear", "machine": machine(load_start), "versions": versions(),
               "settings": {"megabytes": args.megabytes, "repeats": args.repeats, "rows": args.rows,
-                           "default_native_rows": dl.DEFAULT_NATIVE_ROWS},
+                           "default_native_rows": [dl.default_min_rows(), dl.DEFAULT_NATIVE_ROWS]},
               "read_limit_gb_s": limit / 1e9, "rows": rows_out, "smollm2_step": crossover}
     path = write_record("dense_linear", record, args.out)
     print(f"record: {path}")

@@ -2,9 +2,10 @@
 
 Every ``F.linear`` left in float by the quantize pass whose weight and input are
 fp32 on CPU becomes one call of :func:`llmopt.kernels.dense_linear.dense_linear`
-with the same arguments: calls of at most ``native_rows`` rows (decode steps)
-run llmopt's C kernel, larger ones (prefill) stay ``F.linear``, decided per call
-from the input's shape. The weight node is the same one (no copy is made), so
+with the same arguments: calls of ``min_rows`` to ``max_rows`` rows (decode steps;
+:func:`~llmopt.kernels.dense_linear.default_min_rows` is 3 on Intel CPUs, 1
+elsewhere; ``max_rows`` 8) run llmopt's C kernel, the others (prefill, and on
+Intel single rows) ``F.linear``, decided per call from the input's shape. The weight node is the same one (no copy is made), so
 the graph still reads the model's parameter.
 
 Left alone: graphs that compute gradients (the op has no autograd formula),
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
-from llmopt.kernels.dense_linear import DEFAULT_NATIVE_ROWS, dense_linear, native_dense_available
+from llmopt.kernels.dense_linear import DEFAULT_NATIVE_ROWS, default_min_rows, dense_linear, native_dense_available
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
 from llmopt.passes.graph_utils import copy_location_meta, fake_value, module_path
 
@@ -43,6 +44,7 @@ class RouteDenseLinear(GraphPass):
         if not native_dense_available():
             result.notes.append("the C kernel f32_gemv does not build here: fp32 linears stay F.linear")
             return result
+        min_rows = default_min_rows()
         for node in linears:
             layer = module_path(node)
             x, weight = node.args[0] if node.args else node.kwargs.get("input"), _arg(node, 1, "weight")
@@ -52,14 +54,14 @@ class RouteDenseLinear(GraphPass):
                 result.skipped.append(Skipped(KIND, layer, why))
                 continue
             with gm.graph.inserting_before(node):
-                call = gm.graph.call_function(dense_linear, (x, weight, bias, DEFAULT_NATIVE_ROWS))
+                call = gm.graph.call_function(dense_linear, (x, weight, bias, min_rows, DEFAULT_NATIVE_ROWS))
             copy_location_meta(node, call)
             call.meta["example_value"] = fake_value(node)
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
             n, k = fake_value(weight).shape
-            result.rewrites.append(Rewrite(KIND, layer, f"fp32 {n}x{k}: calls of <= {DEFAULT_NATIVE_ROWS} rows "
-                                           "run llmopt's C kernel, larger ones F.linear", impl="native"))
+            result.rewrites.append(Rewrite(KIND, layer, f"fp32 {n}x{k}: calls of {min_rows}-{DEFAULT_NATIVE_ROWS} "
+                                           "rows run llmopt's C kernel, others F.linear", impl="native"))
         return result
 
 

@@ -66,7 +66,21 @@ def test_decode_sized_calls_reach_the_kernel(native_calls):
     dl.dense_linear(x[:1], w)
     dl.dense_linear(x, w)
     dl.dense_linear(torch.randn(dl.DEFAULT_NATIVE_ROWS + 1, 20), w)
-    assert native_calls == [(1, 12, 20), (dl.DEFAULT_NATIVE_ROWS, 12, 20)]
+    dl.dense_linear(x[:2], w, None, 3)  # below min_rows: F.linear
+    dl.dense_linear(x[:3], w, None, 3)
+    assert native_calls == [(1, 12, 20), (dl.DEFAULT_NATIVE_ROWS, 12, 20), (3, 12, 20)]
+
+
+@pytest.mark.parametrize("vendor, rows", [("GenuineIntel", 3), ("AuthenticAMD", 1)])
+def test_default_min_rows_follows_the_cpu_vendor(monkeypatch, tmp_path, vendor, rows):
+    import builtins
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                            *a, **k))
+    assert dl.default_min_rows() == rows
 
 
 @needs_native
@@ -103,7 +117,7 @@ def _dense_rewrites(report):
 def test_pass_routes_inference_linears_and_keeps_outputs(lower, native_calls):
     torch._dynamo.reset()
     model = random_llama(heads="gqa", num_layers=2)
-    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))  # 4 rows: native on any CPU
     with torch.no_grad():
         want = model(ids).logits
         got = torch.compile(model, backend="llmopt", options={"lower": lower, "strict": True})(ids).logits
