@@ -59,13 +59,7 @@ def _native_fn():
     if not _NATIVE:
         from llmopt.kernels import native
 
-        lib = native.load("f32_gemv")
-        fn = None
-        if lib is not None:
-            fn = lib.llmopt_f32_gemv
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-        _NATIVE.append(fn)
+        _NATIVE.append(native.function("f32_gemv", "llmopt_f32_gemv", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3))
     return _NATIVE[0]
 
 

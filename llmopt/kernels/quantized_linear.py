@@ -332,13 +332,8 @@ def _native_int4_fn():
     if not _NATIVE_INT4:
         from llmopt.kernels import native
 
-        lib = native.load("int4_gemv")
-        fn = None
-        if lib is not None:
-            fn = lib.llmopt_int4_gemv
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
-        _NATIVE_INT4.append(fn)
+        _NATIVE_INT4.append(native.function(
+            "int4_gemv", "llmopt_int4_gemv", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2))
     return _NATIVE_INT4[0]
 
 

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["load"]
+__all__ = ["function", "load"]
 
 _log = logging.getLogger("llmopt")
 _SOURCE_DIR = Path(__file__).resolve().parent
@@ -40,6 +40,17 @@ def load(name: str) -> Optional[ctypes.CDLL]:
         if name not in _loaded:
             _loaded[name] = _build_and_open(name)
         return _loaded[name]
+
+
+def function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):
+    """``symbol`` of the compiled ``<name>.c`` with its ctypes signature set, or None if unavailable."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
 
 
 def _build_and_open(name: str) -> Optional[ctypes.CDLL]:
