@@ -47,8 +47,7 @@ class RouteDenseLinear(GraphPass):
         min_rows = default_min_rows()
         for node in linears:
             layer = module_path(node)
-            x, weight = node.args[0] if node.args else node.kwargs.get("input"), _arg(node, 1, "weight")
-            bias = _arg(node, 2, "bias")
+            x, weight, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
             why = _why_not(fake_value(x), fake_value(weight))
             if why:
                 result.skipped.append(Skipped(KIND, layer, why))
