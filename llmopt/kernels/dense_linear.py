@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_NATIVE_ROWS", "default_min_rows", "dense_linear", "native_dense_available"]
+__all__ = ["DEFAULT_NATIVE_ROWS", "default_min_rows", "dense_linear", "native_dense_available",
+           "native_dense_calls"]
 
 # Rows up to which the C kernel runs; above it MKL's sgemm (which blocks for cache)
 # takes over. Chosen from bench/dense_linear.py's crossover.
@@ -53,6 +54,12 @@ def default_min_rows() -> int:
     return 1
 
 _NATIVE: list = []  # [the C function, or None], filled on first use
+_CALLS = [0]  # calls the C kernel answered in this process (native_dense_calls)
+
+
+def native_dense_calls() -> int:
+    """How many calls the C kernel answered in this process (the others ran ``F.linear``)."""
+    return _CALLS[0]
 
 
 def _native_fn():
@@ -80,6 +87,7 @@ def _dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, min_
     x2 = x if x.is_contiguous() else x.contiguous()
     n = weight.shape[0]
     out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    _CALLS[0] += 1
     if fn(x2.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k) != 0:
         raise ValueError(f"llmopt::dense_linear: the native kernel rejected rows={rows}, N={n}, K={k}")
     if bias is not None:

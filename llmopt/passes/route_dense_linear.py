@@ -9,8 +9,9 @@ Intel single rows) ``F.linear``, decided per call from the input's shape. The we
 the graph still reads the model's parameter.
 
 Left alone: graphs that compute gradients (the op has no autograd formula),
-other dtypes and devices, and every linear when ``kernels.native`` is off or the
-C kernel does not build on this machine (the Report notes which).
+other dtypes and devices, every linear under ``lower="tensorrt"`` (TensorRT
+converts ``F.linear`` itself), and every linear when ``kernels.native`` is off
+or the C kernel does not build on this machine (the Report notes which).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class RouteDenseLinear(GraphPass):
     name = "route_dense_linear"
 
     def enabled(self, config) -> bool:
-        return config.kernels.native and super().enabled(config)
+        # TensorRT converts F.linear itself (and runs on CUDA, where the kernel does not apply).
+        return config.kernels.native and config.lower != "tensorrt" and super().enabled(config)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
