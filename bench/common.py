@@ -8,6 +8,8 @@ import json
 import os
 import platform
 import socket
+import statistics
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -100,3 +102,17 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def read_bandwidth_limit(nbytes: int, repeats: int = 7) -> dict:
+    """The fastest read of an fp32 buffer of ``nbytes`` (one sum over it, all torch threads)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    buffer.sum()  # first touch: page faults are not part of a read
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"bytes": nbytes, "read_s_best": best, "read_s_median": statistics.median(times),
+            "gb_per_s": nbytes / best / 1e9, "fp32_tokens_per_s_limit": 1 / best}

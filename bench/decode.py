@@ -53,7 +53,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import check_decode_workload, decode_workload_parser, machine, versions, write_record  # noqa: E402
+from common import (check_decode_workload, decode_workload_parser, machine, read_bandwidth_limit, versions,  # noqa: E402
+                    write_record)
 
 SETTINGS = ("hf-generate", "eager-loop", "inductor", "llmopt", "llmopt-eager",
             "llmopt-bf16", "llmopt-int8", "llmopt-int4", "llama.cpp")
@@ -146,20 +147,6 @@ def _weight_bytes(model) -> int:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
     return total
-
-
-def read_bandwidth_limit(nbytes: int, repeats: int = 7) -> dict:
-    """The fastest read of an fp32 buffer of ``nbytes`` (one sum over it, all torch threads)."""
-    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
-    buffer.sum()  # first touch: page faults are not part of a read
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - start)
-    best = min(times)
-    return {"bytes": nbytes, "read_s_best": best, "read_s_median": statistics.median(times),
-            "gb_per_s": nbytes / best / 1e9, "fp32_tokens_per_s_limit": 1 / best}
 
 
 def _targets(results, limit) -> dict:

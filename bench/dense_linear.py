@@ -6,8 +6,8 @@ SmolLM2-135M's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576, down
 last-level cache, so every call reads its weight from memory as a decode step
 does), the weight bytes read per second, and the ratio. The read limit beside it
 is the fastest sum over one fp32 buffer the size of those weight copies. The
-crossover (rows where F.linear becomes the faster) is what
-``DEFAULT_NATIVE_ROWS`` in ``llmopt/kernels/dense_linear.py`` follows.
+crossovers (rows where F.linear becomes the faster) are what ``default_min_rows()``
+and ``DEFAULT_NATIVE_ROWS`` in ``llmopt/kernels/dense_linear.py`` follow.
 
     flock /tmp/bench.lock python bench/dense_linear.py [--threads 2] [--rows 1 2 4 8 16]
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions, write_record  # noqa: E402
+from common import machine, read_bandwidth_limit, versions, write_record  # noqa: E402
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate/up_proj": (1536, 576),
           "down_proj": (576, 1536), "lm_head": (49152, 576)}
@@ -48,16 +48,10 @@ def _time(fn, weights, x, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def read_limit(total_bytes: int) -> float:
-    buffer = torch.ones(total_bytes // 4)
-    best = min(_timed_sum(buffer) for _ in range(7))
-    return total_bytes / best
-
-
-def _timed_sum(buffer: torch.Tensor) -> float:
-    start = time.perf_counter()
-    buffer.sum()
-    return time.perf_counter() - start
+def _calls_per_step(layer: str) -> int:
+    """How often a SmolLM2 decode step makes a call of this shape: 30 layers, two
+    projections for the paired names, one head."""
+    return 1 if layer == "lm_head" else 30 * (2 if "/" in layer else 1)
 
 
 def main(argv=None) -> int:
@@ -79,7 +73,7 @@ def main(argv=None) -> int:
     native = lambda x, w: dl.dense_linear(x, w, None, 1, 1 << 30)  # noqa: E731  (always the kernel)
     load_start = os.getloadavg()
     total = args.megabytes * 2**20
-    limit = read_limit(total)
+    limit = read_bandwidth_limit(total)["gb_per_s"] * 1e9
     print(f"read limit: {limit / 1e9:.1f} GB/s (sum over {args.megabytes} MB, {torch.get_num_threads()} threads)")
     rows_out = []
     print(f"{'layer':<14} {'N x K':>11} {'rows':>4} {'F.linear us':>11} {'GB/s':>6} {'native us':>9} {'GB/s':>6} "
@@ -102,11 +96,8 @@ def main(argv=None) -> int:
     crossover = {}
     for m in args.rows:
         mine = [r for r in rows_out if r["rows"] == m]
-        # a decode step's weighting: each layer's bytes
-        torch_total = sum(r["torch_us"] * (30 if r["layer"] != "lm_head" else 1) *
-                          (2 if "/" in r["layer"] else 1) for r in mine)
-        native_total = sum(r["native_us"] * (30 if r["layer"] != "lm_head" else 1) *
-                           (2 if "/" in r["layer"] else 1) for r in mine)
+        torch_total, native_total = (sum(r[key] * _calls_per_step(r["layer"]) for r in mine)
+                                     for key in ("torch_us", "native_us"))
         crossover[m] = {"torch_ms_per_step": torch_total / 1e3, "native_ms_per_step": native_total / 1e3}
         print(f"SmolLM2 linears of one step at {m} rows: F.linear {torch_total / 1e3:.1f} ms, "
               f"native {native_total / 1e3:.1f} ms ({torch_total / native_total:.2f}x)")

@@ -34,6 +34,15 @@ OP_SPELLINGS: dict[str, tuple[frozenset, frozenset]] = {
 }
 
 
+# The spellings of F.linear in a Dynamo graph (the passes that rewrite linear layers match these).
+LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+
+
+def node_arg(node: Node, index: int, name: str, default=None) -> Any:
+    """A call's argument given by position ``index`` or by keyword ``name``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
 def is_op(node: Any, name: str) -> bool:
     """True if ``node`` calls the op ``name`` in any of its spellings."""
     if not isinstance(node, Node):

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import fake_value, get_constant, install_constant, module_path
+from llmopt.passes.graph_utils import LINEAR_FUNCTIONS, fake_value, get_constant, install_constant, module_path, \
+    node_arg
 
 KIND = "prune"
-LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 BUFFER_PREFIX = "llmopt_pruned_"
 DENSE_NOTE = "unstructured sparsity stored dense (zeros in place)"
 
@@ -53,7 +52,7 @@ class PruneLinear(GraphPass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
                 continue
-            weight = _weight_arg(node)
+            weight = node_arg(node, 1, "weight")
             why, path = _why_not(node, weight, ctx, config)
             if why:
                 result.skipped.append(Skipped(KIND, path or _name(weight), why))
@@ -70,10 +69,6 @@ class PruneLinear(GraphPass):
             node.replace_input_with(weight, attr)
         result.notes.extend(sorted(notes))
         return result
-
-
-def _weight_arg(node: Node):
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
 
 
 def _name(value) -> str:

@@ -49,19 +49,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.utils.weak import WeakIdKeyDictionary
 
 import llmopt.kernels.quantized_linear as qlinear
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, get_constant, install_constant, module_path
+from llmopt.passes.graph_utils import (LINEAR_FUNCTIONS, copy_location_meta, fake_value, get_constant,
+                                      install_constant, module_path, node_arg)
 from llmopt.quantization import quantize as quantize_module
 from llmopt.quantization.config import QuantConfig
 from llmopt.quantization.storage import QuantizedWeights, load_quantized
 
 KIND = "quantize"
-LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 BUFFER_PREFIX = "llmopt_quant_"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OPS = {
@@ -88,7 +87,7 @@ class QuantizeLinear(GraphPass):
             if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
                 continue
             layer = module_path(node)
-            weight_node = _arg(node, 1, "weight")
+            weight_node = node_arg(node, 1, "weight")
             why = _why_not(weight_node, layer, ctx, qconfig)
             if why:
                 result.skipped.append(Skipped(KIND, layer, why))
@@ -192,9 +191,9 @@ def _sibling_groups(linears: list[_Linear], qconfig: QuantConfig, merge: bool = 
     order: list[list[_Linear]] = []
     seen_weights: set[Node] = set()
     for linear in linears:
-        key = (_arg(linear.node, 0, "input"), linear.weight.dtype, linear.weight.device, linear.weight.shape[1],
+        key = (node_arg(linear.node, 0, "input"), linear.weight.dtype, linear.weight.device, linear.weight.shape[1],
                linear.choice)
-        alone = (_arg(linear.node, 2, "bias") is not None or linear.weight_node in seen_weights
+        alone = (node_arg(linear.node, 2, "bias") is not None or linear.weight_node in seen_weights
                  or not isinstance(key[0], Node))
         seen_weights.add(linear.weight_node)
         if alone:
@@ -209,9 +208,6 @@ def _sibling_groups(linears: list[_Linear], qconfig: QuantConfig, merge: bool = 
 
 # ---------------------------------------------------------------- which layers
 
-
-def _arg(node: Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _why_not(weight: Any, layer: str, ctx: PassContext, qconfig: QuantConfig) -> str:
@@ -386,7 +382,7 @@ def _replace(gm: GraphModule, group: list[_Linear], installed: list[Any], qconfi
     """One quantized call for the group; each member's output is its slice of the call's."""
     graph = gm.graph
     first = group[0].node
-    x, bias = _arg(first, 0, "input"), _arg(first, 2, "bias")
+    x, bias = node_arg(first, 0, "input"), node_arg(first, 2, "bias")
     with graph.inserting_before(first):
         inputs = [get_constant(gm, v, fake_mode) if isinstance(v, _Buffer) else v for v in installed]
         if qconfig.mode == "int4":

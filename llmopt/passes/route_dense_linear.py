@@ -17,15 +17,13 @@ or the C kernel does not build on this machine (the Report notes which).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from llmopt.kernels.dense_linear import DEFAULT_NATIVE_ROWS, default_min_rows, dense_linear, native_dense_available
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, module_path
+from llmopt.passes.graph_utils import LINEAR_FUNCTIONS, copy_location_meta, fake_value, module_path, node_arg
 
 KIND = "dense_linear"
-LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 
 
 class RouteDenseLinear(GraphPass):
@@ -49,7 +47,7 @@ class RouteDenseLinear(GraphPass):
         min_rows = default_min_rows()
         for node in linears:
             layer = module_path(node)
-            x, weight, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+            x, weight, bias = node_arg(node, 0, "input"), node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
             why = _why_not(fake_value(x), fake_value(weight))
             if why:
                 result.skipped.append(Skipped(KIND, layer, why))
@@ -65,9 +63,6 @@ class RouteDenseLinear(GraphPass):
                                            "rows run llmopt's C kernel, others F.linear", impl="native"))
         return result
 
-
-def _arg(node, index: int, name: str):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _why_not(x, weight) -> str:

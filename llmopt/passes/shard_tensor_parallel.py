@@ -58,12 +58,11 @@ from llmopt.errors import LLMOptConfigError
 from llmopt.parallel.collectives import World, reduce_dtype, world
 from llmopt.passes.eliminate_dead_code import _has_side_effects as has_side_effects
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
-from llmopt.passes.graph_utils import copy_location_meta, fake_value, get_constant, install_constant, is_op, \
-    known_equal, module_path
+from llmopt.passes.graph_utils import LINEAR_FUNCTIONS, copy_location_meta, fake_value, get_constant, \
+    install_constant, is_op, known_equal, module_path, node_arg
 
 KIND = "tensor_parallel"
 PREFIX = "llmopt_tp_"
-LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 EMBEDDING_FUNCTIONS = (F.embedding, torch.embedding)
 QUERY, KEY_VALUE, OUTPUT = ("q_proj",), ("k_proj", "v_proj"), ("o_proj",)
 MLP_IN, MLP_OUT = ("gate_proj", "up_proj"), ("down_proj",)
@@ -310,7 +309,7 @@ class _Rewriter:
         node = site.node
         with self.graph.inserting_before(node):
             weight = self._install(site, site.weight, 0, start, stop)
-            bias_node = _arg(node, 2, "bias")
+            bias_node = node_arg(node, 2, "bias")
             bias = self._value(bias_node)
             if bias is not None:
                 bias_node = self._install(site, bias, 0, start, stop, "bias")
@@ -321,7 +320,7 @@ class _Rewriter:
 
     def row(self, site: _Site, start: int, stop: int, what: str) -> None:
         node = site.node
-        bias_node = _arg(node, 2, "bias")
+        bias_node = node_arg(node, 2, "bias")
         with self.graph.inserting_before(node):
             weight = self._install(site, site.weight, 1, start, stop)
         node.args = (node.args[0], weight, None)
@@ -501,9 +500,6 @@ def _even(width: int, group: World) -> tuple[int, int]:
     per = width // group.size
     return group.rank * per, (group.rank + 1) * per
 
-
-def _arg(node: Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -228,7 +228,7 @@ class Trainer:
         ``labels[t + 1]``; the loss is taken in fp32."""
         outputs = self.forward(model, batch)
         labels = batch["labels"].to(self.device)
-        return self._cross_entropy_sum(outputs.logits, labels), int((labels[:, 1:] != data_mod.IGNORE).sum())
+        return self._cross_entropy_sum(outputs.logits, labels), _target_count(labels)
 
     def extra_loss(self, model, batch: dict, outputs) -> Optional[torch.Tensor]:
         """Extra terms of this micro-batch (sums over its tokens; see the class docstring)."""
@@ -423,7 +423,11 @@ class Trainer:
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropies of ``logits[:, :-1]`` against ``labels[:, 1:]`` where the
     label is not -100, their count), in fp32 (fp64 if the logits are fp64)."""
-    return _cross_entropy_sum(logits, labels), int((labels[:, 1:] != data_mod.IGNORE).sum())
+    return _cross_entropy_sum(logits, labels), _target_count(labels)
+
+
+def _target_count(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != data_mod.IGNORE).sum())
 
 
 def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

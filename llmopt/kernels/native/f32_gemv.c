@@ -1,12 +1,13 @@
 /* fp32 matrix-vector products for CPU decode: out[m, n] = sum_k x[m, k] * W[n, k]
- * for a few activation rows (m <= 8 is what the caller sends), W (n, k) row-major.
+ * for a few activation rows (llmopt::dense_linear sends 1-8, or 3-8 on Intel CPUs),
+ * W (n, k) row-major.
  *
- * Why not PyTorch's F.linear: for one or two rows it runs MKL's sgemv, which
- * reads the weights at about one core's bandwidth whatever the thread count
- * (docs/PERFORMANCE.md). A decode step of an fp32 model is one pass over every
- * weight, so the step is that read: here the weight rows are split over the
- * OpenMP threads and streamed once, four rows at a time, each loaded vector
- * used for every activation row (the activations stay in L1).
+ * Why not PyTorch's F.linear: a decode step of an fp32 model is one pass over
+ * every weight, and for a few rows MKL reads it well below the memory's rate
+ * (from 3 rows on, and on AMD also at 1-2 rows, where its sgemv runs on one
+ * thread; kernels/dense_linear.py, docs/PERFORMANCE.md). Here the weight rows are
+ * split over the OpenMP threads and streamed once, four rows at a time, each
+ * loaded vector used for every activation row (the activations stay in L1).
  *
  * Accumulation is fp32 with 16 (AVX-512) or 8 (AVX2) partial sums per weight row,
  * added at the end: a different order from MKL's, so results differ from
