@@ -10,7 +10,9 @@ Three tasks, each its own record (bench/results/<name>-<host>-<time>.json):
               and the bytes saved for backward during one training forward (distinct
               storages, parameters excluded, counted with saved_tensors_hooks; the
               compiled graphs' saved tensors go through the hooks too) on CPU, the peak
-              allocated memory on CUDA. Each setting runs in a fresh process
+              allocated memory on CUDA. A second plain row runs the same loop with the
+              allocator setting the Trainer makes on CPU (``keep_cpu_memory``: freed
+              memory kept in the process), so the gain of compiling is shown apart. Each setting runs in a fresh process
               (``--same-process``: all in this one). Record ``train``, plot next to it.
   distill     recover a pruned SmolLM2 from the fp32 teacher (``--student``: 2:4 magnitude
               pruning of every linear but lm_head, the zeros kept zero while training,
@@ -51,6 +53,7 @@ from common import machine, versions, write_record  # noqa: E402
 
 TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 TRAIN_TEXT, HELDOUT_TEXT = TEXTS / "macbeth.txt", TEXTS / "tempest.txt"
+PLAIN_KEEP = "plain-keep"
 NOTE = ("CPU timings on a shared machine: other helpers' tests ran at the same time "
         "(see the load averages); compare settings within this record only.")
 
@@ -135,6 +138,11 @@ def _speed_row(args, length: int, mode: str | None) -> dict:
     ids = torch.randint(0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     if mode is None:
         return _plain_loop(base, ids, args.steps, args.warmup)
+    if mode == PLAIN_KEEP:  # the plain loop with the allocator setting the Trainer makes on CPU
+        from llmopt.training.memory import keep_freed_cpu_memory
+
+        kept = keep_freed_cpu_memory()
+        return {**_plain_loop(base, ids, args.steps, args.warmup), "kept_cpu_memory": kept}
     return _trainer_run(base, ids, mode, args.steps, args.warmup, args.lower)
 
 
@@ -158,7 +166,8 @@ def task_speed(args, on_row=None) -> dict:
     seq_lens = args.seq_lens or ([64, 128] if args.tiny else [512, 1024])
     rows = []
     for length in seq_lens:
-        settings = [("plain eager", None)] + [(f"llmopt recompute={m}", m) for m in args.recompute]
+        settings = ([("plain eager", None), ("plain eager, kept memory", PLAIN_KEEP)]
+                    + [(f"llmopt recompute={m}", m) for m in args.recompute])
         for name, mode in settings:
             print(f"[{length} tokens] {name} ...", flush=True)
             figures = (_speed_row(args, length, mode) if args.same_process
@@ -179,6 +188,8 @@ def _speed_figures(rows: list, seq_lens: list, args, complete: bool, show: bool 
         full = group.get("llmopt recompute=full")
         if plain and none:
             none["speedup_vs_plain"] = plain["step_s"] / none["step_s"]
+        if group.get("plain eager, kept memory") and none:
+            none["speedup_vs_plain_kept_memory"] = group["plain eager, kept memory"]["step_s"] / none["step_s"]
         if none and full:
             full["saved_ratio_vs_none"] = none["saved_bytes"] / max(full["saved_bytes"], 1)
             full["time_ratio_vs_none"] = full["step_s"] / none["step_s"]
@@ -196,6 +207,8 @@ def _print_speed_table(rows: list) -> None:
         extra = ""
         if "speedup_vs_plain" in r:
             extra = f"{r['speedup_vs_plain']:.2f}x plain's speed"
+            if "speedup_vs_plain_kept_memory" in r:
+                extra += f", {r['speedup_vs_plain_kept_memory']:.2f}x plain with kept memory"
         if "saved_ratio_vs_none" in r:
             extra = f"{r['saved_ratio_vs_none']:.2f}x less saved, {r['time_ratio_vs_none']:.2f}x none's time"
         print(f"{r['seq_len']:>6} {r['setting']:<28} {r['step_s']:>8.3f} {r['tokens_per_s']:>8.1f} "

@@ -61,13 +61,21 @@ class TrainConfig:
 
     Precision, recompute, compile:
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast with fp32 master
-            weights; fp16 on CUDA uses a gradient scaler.
+            weights; fp16 uses a gradient scaler (``torch.amp.GradScaler``, on CUDA and
+            CPU): a step whose gradients overflowed is skipped and the scale halved.
         recompute: ``"none"``, ``"full"`` (checkpoint every decoder layer),
             ``"selective"`` (per layer, save matmul and attention outputs, recompute
             the rest) or a float in [0, 1]: the min-cut partitioner's
             ``activation_memory_budget`` (needs ``compile`` and Inductor lowering).
         compile: compile the model with ``torch.compile(backend="llmopt")``;
             ``compile_options`` are the backend's options.
+        keep_cpu_memory: on CPU with glibc, keep freed memory in the process instead of
+            returning it to the system (``mallopt``: no mmap for large blocks, no heap
+            trimming; see :func:`llmopt.training.memory.keep_freed_cpu_memory`), so a
+            step's large buffers (logits, their gradient, the embedding's gradient)
+            reuse pages instead of faulting fresh ones in every step. Process-wide and
+            not undone: the resident memory stays at its peak. False leaves the
+            allocator alone.
 
     Evaluation, early stopping, checkpoints, logs:
         eval_every: evaluate on ``eval_data`` every this many steps (0: only at the end).
@@ -113,6 +121,7 @@ class TrainConfig:
     recompute: Union[str, float] = "none"
     compile: bool = True
     compile_options: Optional[dict] = None
+    keep_cpu_memory: bool = True
 
     eval_every: int = 0
     eval_batch_size: int = 8

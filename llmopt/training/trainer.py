@@ -27,6 +27,7 @@ import llmopt.training.data as data_mod
 import llmopt.training.recompute as recompute_mod
 import llmopt.training.regularize as regularize
 from llmopt.training.config import TrainConfig
+from llmopt.training.memory import keep_freed_cpu_memory
 from llmopt.training.optim import build_optimizer, build_scheduler
 
 __all__ = ["Trainer", "TrainResult"]
@@ -37,7 +38,7 @@ ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
 @dataclass
 class TrainResult:
     """What a run did. ``steps``: one dict per optimizer step (``step`` 1-based, ``loss``:
-    mean per-token loss of the step's batch, ``lr``, ``grad_norm`` (before clipping),
+    mean per-token loss of the step's batch, ``lr``, ``grad_norm`` (before clipping; None without clipping),
     ``tokens``, ``seconds``, ``tokens_per_second``); ``evals``: one dict per evaluation
     (``step``, ``loss``, ``perplexity``)."""
 
@@ -130,10 +131,16 @@ class Trainer:
         lower = dict(cfg.compile_options or {}).get("lower", "inductor")
         self._cross_entropy_sum = (torch.compile(_cross_entropy_sum, backend="inductor")
                                    if cfg.compile and lower == "inductor" else _cross_entropy_sum)
+        if cfg.keep_cpu_memory and self.device.type == "cpu":
+            keep_freed_cpu_memory()
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
+        # fp16's narrow exponent underflows small gradients: scale the loss up, unscale
+        # before clipping, skip a step whose gradients overflowed (torch.amp.GradScaler,
+        # which has CPU kernels as well as CUDA ones). bf16 has fp32's range: no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type if self.device.type in ("cuda", "cpu") else "cuda",
+                                           enabled=cfg.precision == "fp16" and self.device.type in ("cuda", "cpu"))
         self.micro_batch_size = cfg.micro_batch_size if cfg.micro_batch_size != "auto" else None
         self.step = 0
         self.result = TrainResult()
@@ -318,12 +325,10 @@ class Trainer:
                 self.scaler.scale(objective).backward()
             self.last_outputs = None
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = None  # without clipping the norm is not computed (a pass over every gradient)
         if cfg.max_grad_norm is not None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) \
-                if params else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
