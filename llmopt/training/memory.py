@@ -39,8 +39,8 @@ _KEPT = False
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process: no mmap for large blocks
     (``M_MMAP_MAX`` 0) and no trimming of the heap top (``M_TRIM_THRESHOLD`` at its
-    maximum). Why: by default every block of 32 MiB or more is mmapped and unmapped
-    again when freed, so a training step's largest buffers (a 512-token step's logits
+    maximum). Why: by default a block above the mmap threshold (128 KiB, raised as
+    blocks are freed, to at most 32 MiB) is mmapped and unmapped again when freed, so a training step's largest buffers (a 512-token step's logits
     and their gradient, 100 MB each for a 49k vocabulary) are page-faulted in afresh
     every step; first touch then costs about as much as the kernel writing them.
     Process-wide and not undone (resident memory stays at its peak, as with a caching
