@@ -74,8 +74,9 @@ class TrainConfig:
             trimming; see :func:`llmopt.training.memory.keep_freed_cpu_memory`), so a
             step's large buffers (logits, their gradient, the embedding's gradient)
             reuse pages instead of faulting fresh ones in every step. Process-wide and
-            not undone: the resident memory stays at its peak. False leaves the
-            allocator alone.
+            not undone: the resident memory stays at its peak. Single-process runs
+            only (with data parallel gloo ranks sometimes aborted at exit). False
+            leaves the allocator alone.
 
     Evaluation, early stopping, checkpoints, logs:
         eval_every: evaluate on ``eval_data`` every this many steps (0: only at the end).
