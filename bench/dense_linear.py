@@ -1,5 +1,9 @@
 """fp32 few-row linear layers on CPU: llmopt::dense_linear's C kernel against F.linear (MKL).
 
+Both blockings of the kernel are timed ("narrow": 4 weight rows at a time with
+software prefetch; "wide": 16 (AVX-512) or 12 (AVX2) rows, no prefetch); "native"
+is the one ``default_blocking()`` picks on this CPU, which the speedup is of.
+
 SmolLM2-135M's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576, down
 576x1536, the tied head 49152x576) at 1, 2, 4, 8 and 16 rows: the time per call
 (median of repeats, each over a set of weight copies that together exceed the
@@ -70,40 +74,49 @@ def main(argv=None) -> int:
     if not dl.native_dense_available():
         print("the C kernel does not build here: nothing to compare")
         return 1
-    native = lambda x, w: dl.dense_linear(x, w, None, 1, 1 << 30)  # noqa: E731  (always the kernel)
+    blocking = dl.default_blocking()
+    kernels = {name: (lambda x, w, name=name: dl.native_dense_linear(x, w, name)) for name in dl.BLOCKINGS}
     load_start = os.getloadavg()
     total = args.megabytes * 2**20
     limit = read_bandwidth_limit(total)["gb_per_s"] * 1e9
     print(f"read limit: {limit / 1e9:.1f} GB/s (sum over {args.megabytes} MB, {torch.get_num_threads()} threads)")
     rows_out = []
-    print(f"{'layer':<14} {'N x K':>11} {'rows':>4} {'F.linear us':>11} {'GB/s':>6} {'native us':>9} {'GB/s':>6} "
-          f"{'speedup':>7}")
+    print(f"default blocking on this CPU: {blocking}")
+    print(f"{'layer':<14} {'N x K':>11} {'rows':>4} {'F.linear us':>11} {'GB/s':>6} {'narrow us':>9} {'GB/s':>6} "
+          f"{'wide us':>9} {'GB/s':>6} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
         weights = _copies(n, k, total)
         for m in args.rows:
             x = torch.randn(m, k)
-            torch.testing.assert_close(native(x, weights[0]), F.linear(x, weights[0]), atol=1e-3, rtol=1e-4)
+            for fn in kernels.values():
+                torch.testing.assert_close(fn(x, weights[0]), F.linear(x, weights[0]), atol=1e-3, rtol=1e-4)
             torch_s = _time(F.linear, weights, x, args.repeats)
-            native_s = _time(native, weights, x, args.repeats)
+            kernel_s = {name: _time(fn, weights, x, args.repeats) for name, fn in kernels.items()}
+            native_s = kernel_s[blocking]
             nbytes = n * k * 4
             row = {"layer": name, "n": n, "k": k, "rows": m, "torch_us": torch_s * 1e6, "native_us": native_s * 1e6,
                    "torch_gb_s": nbytes / torch_s / 1e9, "native_gb_s": nbytes / native_s / 1e9,
-                   "speedup": torch_s / native_s}
+                   "speedup": torch_s / native_s, "blocking": blocking}
+            for kernel, seconds in kernel_s.items():
+                row[f"{kernel}_us"], row[f"{kernel}_gb_s"] = seconds * 1e6, nbytes / seconds / 1e9
             rows_out.append(row)
             print(f"{name:<14} {f'{n}x{k}':>11} {m:>4} {row['torch_us']:>11.1f} {row['torch_gb_s']:>6.1f} "
-                  f"{row['native_us']:>9.1f} {row['native_gb_s']:>6.1f} {row['speedup']:>6.2f}x", flush=True)
+                  f"{row['narrow_us']:>9.1f} {row['narrow_gb_s']:>6.1f} {row['wide_us']:>9.1f} {row['wide_gb_s']:>6.1f} "
+                  f"{row['speedup']:>6.2f}x", flush=True)
         del weights
     crossover = {}
     for m in args.rows:
         mine = [r for r in rows_out if r["rows"] == m]
-        torch_total, native_total = (sum(r[key] * _calls_per_step(r["layer"]) for r in mine)
-                                     for key in ("torch_us", "native_us"))
-        crossover[m] = {"torch_ms_per_step": torch_total / 1e3, "native_ms_per_step": native_total / 1e3}
-        print(f"SmolLM2 linears of one step at {m} rows: F.linear {torch_total / 1e3:.1f} ms, "
-              f"native {native_total / 1e3:.1f} ms ({torch_total / native_total:.2f}x)")
+        totals = {key: sum(r[f"{key}_us"] * _calls_per_step(r["layer"]) for r in mine) / 1e3
+                  for key in ("torch", "native", *dl.BLOCKINGS)}
+        crossover[m] = {f"{key}_ms_per_step": value for key, value in totals.items()}
+        print(f"SmolLM2 linears of one step at {m} rows: F.linear {totals['torch']:.1f} ms, narrow "
+              f"{totals['narrow']:.1f} ms, wide {totals['wide']:.1f} ms; {blocking} (default) "
+              f"{totals['torch'] / totals['native']:.2f}x F.linear")
     record = {"benchmark": "dense_linear", "machine": machine(load_start), "versions": versions(),
               "settings": {"megabytes": args.megabytes, "repeats": args.repeats, "rows": args.rows,
-                           "default_native_rows": [dl.default_min_rows(), dl.DEFAULT_NATIVE_ROWS]},
+                           "default_native_rows": [dl.default_min_rows(), dl.DEFAULT_NATIVE_ROWS],
+                           "default_blocking": blocking},
               "read_limit_gb_s": limit / 1e9, "rows": rows_out, "smollm2_step": crossover}
     path = write_record("dense_linear", record, args.out)
     print(f"record: {path}")

@@ -13,8 +13,10 @@ Intel and AMD, because MKL switches from a matrix-vector to a matrix-matrix
 product; and at 1 or 2 rows on AMD, where MKL's matrix-vector product runs on
 one thread. On an Intel CPU MKL's 1- and 2-row products already stream at the
 memory's rate, slightly faster than this kernel. :func:`default_min_rows` says
-which rows go to the kernel on this CPU; the measurements are in
-docs/PERFORMANCE.md (``bench/dense_linear.py``). Results differ from
+which rows go to the kernel on this CPU, and :func:`default_blocking` which of the
+kernel's two blockings runs ("narrow", tuned on a Xeon; "wide", more weight rows
+streamed at once, tuned on an EPYC); the measurements are in docs/PERFORMANCE.md
+(``bench/dense_linear.py``). Results differ from
 ``F.linear`` by the order of fp32 additions only (tests bound them against fp64).
 
 The op reads the weight it is given (no copy, no packed layout), so a model's
@@ -33,27 +35,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_NATIVE_ROWS", "default_min_rows", "dense_linear", "native_dense_available",
-           "native_dense_calls"]
+__all__ = ["BLOCKINGS", "DEFAULT_NATIVE_ROWS", "default_blocking", "default_min_rows", "dense_linear",
+           "native_dense_available", "native_dense_calls", "native_dense_linear"]
 
 # Rows up to which the C kernel runs; above it MKL's sgemm (which blocks for cache)
 # takes over. Chosen from bench/dense_linear.py's crossover.
 DEFAULT_NATIVE_ROWS = 8
 
 
-def default_min_rows() -> int:
-    """The fewest rows the kernel takes on this CPU: 3 on an Intel CPU (MKL's 1- and
-    2-row products already read at the memory's rate there), 1 elsewhere."""
+# The kernel's blockings (kernels/native/f32_gemv.c): their exported C symbols.
+BLOCKINGS = {"narrow": "llmopt_f32_gemv", "wide": "llmopt_f32_gemv_wide"}
+
+
+def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("vendor_id"):
-                    return 3 if "GenuineIntel" in line else 1
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return 1
+    return ""
 
-_NATIVE: list = []  # [the C function, or None], filled on first use
+
+def default_min_rows() -> int:
+    """The fewest rows the kernel takes on this CPU: 3 on an Intel CPU (MKL's 1- and
+    2-row products already read at the memory's rate there), 1 elsewhere."""
+    return 3 if _cpu_vendor() == "GenuineIntel" else 1
+
+
+def default_blocking() -> str:
+    """The kernel's blocking for this CPU: "narrow" (4 weight rows at a time, software
+    prefetch) on Intel CPUs, where it was tuned; "wide" (16 weight rows at a time with
+    AVX-512, 12 with AVX2, no software prefetch) elsewhere: on an AMD EPYC (Zen 4) it
+    reads the weights about 1.5x faster than "narrow" at 1-2 rows."""
+    return "narrow" if _cpu_vendor() == "GenuineIntel" else "wide"
+
+
+_NATIVE: dict = {}  # blocking -> the C function, or None; filled on first use
+_DEFAULT: list = []  # [the C function of the default blocking, or None]
 _CALLS = [0]  # calls the C kernel answered in this process (native_dense_calls)
 
 
@@ -62,12 +82,19 @@ def native_dense_calls() -> int:
     return _CALLS[0]
 
 
-def _native_fn():
-    if not _NATIVE:
+def _native_fn(blocking: Optional[str] = None):
+    if blocking is None:
+        if not _DEFAULT:
+            _DEFAULT.append(_native_fn(default_blocking()))
+        return _DEFAULT[0]
+    if blocking not in BLOCKINGS:
+        raise ValueError(f"unknown blocking {blocking!r}; expected one of {sorted(BLOCKINGS)}")
+    if blocking not in _NATIVE:
         from llmopt.kernels import native
 
-        _NATIVE.append(native.function("f32_gemv", "llmopt_f32_gemv", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3))
-    return _NATIVE[0]
+        _NATIVE[blocking] = native.function("f32_gemv", BLOCKINGS[blocking],
+                                            [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
+    return _NATIVE[blocking]
 
 
 def native_dense_available() -> bool:
@@ -79,7 +106,7 @@ def _dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, min_
                   max_rows: int = DEFAULT_NATIVE_ROWS) -> Tensor:
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    fn = _NATIVE[0] if _NATIVE else _native_fn()
+    fn = _DEFAULT[0] if _DEFAULT else _native_fn()
     if (fn is None or rows > max_rows or rows < max(min_rows, 1) or x.dtype != torch.float32
             or weight.dtype != torch.float32 or not x.is_cpu or not weight.is_cpu
             or not weight.is_contiguous() or weight.shape[1] != k):
@@ -92,6 +119,24 @@ def _dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, min_
         raise ValueError(f"llmopt::dense_linear: the native kernel rejected rows={rows}, N={n}, K={k}")
     if bias is not None:
         out.add_(bias)
+    return out
+
+
+def native_dense_linear(x: Tensor, weight: Tensor, blocking: Optional[str] = None) -> Tensor:
+    """``x @ weight.T`` by the C kernel with the given blocking (default: this CPU's),
+    whatever the row count: for benchmarks and tests of each blocking. ``x`` (m, k) and
+    ``weight`` (n, k) must be contiguous fp32 CPU tensors."""
+    fn = _native_fn(blocking)
+    if fn is None:
+        raise RuntimeError("llmopt::dense_linear: the C kernel f32_gemv does not build on this machine")
+    if (x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or not x.is_cpu or not weight.is_cpu or not x.is_contiguous()
+            or not weight.is_contiguous()):
+        raise ValueError("native_dense_linear takes contiguous fp32 CPU tensors x (m, k) and weight (n, k); got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    if fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1]) != 0:
+        raise ValueError(f"llmopt::dense_linear: the native kernel rejected {tuple(x.shape)} x {tuple(weight.shape)}")
     return out
 
 

@@ -48,6 +48,29 @@ def test_kernel_within_fp32_summation_bound_of_fp64(m, n, k):
 
 
 @needs_native
+@pytest.mark.parametrize("blocking", sorted(dl.BLOCKINGS))
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (17, 16), (13, 31), (33, 577)])
+def test_each_blocking_within_fp32_summation_bound_of_fp64(blocking, m, n, k):
+    # Both blockings run on every machine here, not only the one this CPU defaults to:
+    # row counts that leave a partial block of weight rows (n % 16, n % 12, n % 4) and of
+    # activation rows (m % 2, m % 4), and k with a vector tail.
+    g = torch.Generator().manual_seed(m * 100 + n * 3 + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    got = dl.native_dense_linear(x, w, blocking)
+    assert got.shape == (m, n)
+    _check(got, x, w)
+
+
+def test_native_dense_linear_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match="unknown blocking"):
+        dl.native_dense_linear(torch.randn(1, 4), torch.randn(2, 4), "diagonal")
+    if dl.native_dense_available():
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            dl.native_dense_linear(torch.randn(1, 4).double(), torch.randn(2, 4).double())
+
+
+@needs_native
 def test_decode_sized_calls_reach_the_kernel():
     x, w = torch.randn(dl.DEFAULT_NATIVE_ROWS, 20), torch.randn(12, 20)
     calls = []
@@ -60,7 +83,7 @@ def test_decode_sized_calls_reach_the_kernel():
 
 
 @pytest.mark.parametrize("vendor, rows", [("GenuineIntel", 3), ("AuthenticAMD", 1)])
-def test_default_min_rows_follows_the_cpu_vendor(monkeypatch, tmp_path, vendor, rows):
+def test_default_rows_and_blocking_follow_the_cpu_vendor(monkeypatch, tmp_path, vendor, rows):
     import builtins
 
     info = tmp_path / "cpuinfo"
@@ -69,6 +92,7 @@ def test_default_min_rows_follows_the_cpu_vendor(monkeypatch, tmp_path, vendor, 
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
                                                                             *a, **k))
     assert dl.default_min_rows() == rows
+    assert dl.default_blocking() == ("narrow" if vendor == "GenuineIntel" else "wide")
 
 
 @needs_native
