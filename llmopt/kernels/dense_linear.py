@@ -12,8 +12,8 @@ Why: an fp32 decode step is one read of every weight, and PyTorch's CPU linear
 Intel and AMD, because MKL switches from a matrix-vector to a matrix-matrix
 product; and at 1 or 2 rows on AMD, where MKL's matrix-vector product runs on
 one thread. On an Intel CPU MKL's 1- and 2-row products already stream at the
-memory's rate, slightly faster than this kernel. :func:`default_min_rows` says
-which rows go to the kernel on this CPU, and :func:`default_blocking` which of the
+memory's rate, slightly faster than this kernel. :func:`default_min_rows` and
+:func:`default_max_rows` say which rows go to the kernel on this CPU, and :func:`default_blocking` which of the
 kernel's two blockings runs ("narrow", tuned on a Xeon; "wide", more weight rows
 streamed at once, tuned on an EPYC); the measurements are in docs/PERFORMANCE.md
 (``bench/dense_linear.py``). Results differ from
@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BLOCKINGS", "DEFAULT_NATIVE_ROWS", "default_blocking", "default_min_rows", "dense_linear",
+__all__ = ["BLOCKINGS", "DEFAULT_NATIVE_ROWS", "default_blocking", "default_max_rows", "default_min_rows", "dense_linear",
            "native_dense_available", "native_dense_calls", "native_dense_linear"]
 
-# Rows up to which the C kernel runs; above it MKL's sgemm (which blocks for cache)
-# takes over. Chosen from bench/dense_linear.py's crossover.
+# Rows up to which the op's C kernel runs by default; above it MKL's sgemm (which
+# blocks for cache) takes over. Chosen from bench/dense_linear.py's crossover on a
+# Xeon; default_max_rows() is what the pass uses on this CPU.
 DEFAULT_NATIVE_ROWS = 8
 
 
@@ -62,6 +63,13 @@ def default_min_rows() -> int:
     """The fewest rows the kernel takes on this CPU: 3 on an Intel CPU (MKL's 1- and
     2-row products already read at the memory's rate there), 1 elsewhere."""
     return 3 if _cpu_vendor() == "GenuineIntel" else 1
+
+
+def default_max_rows() -> int:
+    """The most rows the kernel takes on this CPU: 8 on an Intel CPU (above it MKL's
+    matrix-matrix product is the faster there), 16 elsewhere (on an AMD EPYC the
+    "wide" kernel still read 1.4x faster than MKL at 16 rows)."""
+    return DEFAULT_NATIVE_ROWS if _cpu_vendor() == "GenuineIntel" else 16
 
 
 def default_blocking() -> str:

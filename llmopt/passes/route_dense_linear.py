@@ -4,7 +4,8 @@ Every ``F.linear`` left in float by the quantize pass whose weight and input are
 fp32 on CPU becomes one call of :func:`llmopt.kernels.dense_linear.dense_linear`
 with the same arguments: calls of ``min_rows`` to ``max_rows`` rows (decode steps;
 :func:`~llmopt.kernels.dense_linear.default_min_rows` is 3 on Intel CPUs, 1
-elsewhere; ``max_rows`` 8) run llmopt's C kernel, the others (prefill, and on
+elsewhere; :func:`~llmopt.kernels.dense_linear.default_max_rows` 8 on Intel, 16
+elsewhere) run llmopt's C kernel, the others (prefill, and on
 Intel single rows) ``F.linear``, decided per call from the input's shape. The weight node is the same one (no copy is made), so
 the graph still reads the model's parameter.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from llmopt.kernels.dense_linear import DEFAULT_NATIVE_ROWS, default_min_rows, dense_linear, native_dense_available
+from llmopt.kernels.dense_linear import default_max_rows, default_min_rows, dense_linear, native_dense_available
 from llmopt.passes.base import GraphPass, PassContext, PassResult, Rewrite, Skipped
 from llmopt.passes.graph_utils import LINEAR_FUNCTIONS, copy_location_meta, fake_value, module_path, node_arg
 
@@ -44,7 +45,7 @@ class RouteDenseLinear(GraphPass):
         if not native_dense_available():
             result.notes.append("the C kernel f32_gemv does not build here: fp32 linears stay F.linear")
             return result
-        min_rows = default_min_rows()
+        min_rows, max_rows = default_min_rows(), default_max_rows()
         for node in linears:
             layer = module_path(node)
             x, weight, bias = node_arg(node, 0, "input"), node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
@@ -53,13 +54,13 @@ class RouteDenseLinear(GraphPass):
                 result.skipped.append(Skipped(KIND, layer, why))
                 continue
             with gm.graph.inserting_before(node):
-                call = gm.graph.call_function(dense_linear, (x, weight, bias, min_rows, DEFAULT_NATIVE_ROWS))
+                call = gm.graph.call_function(dense_linear, (x, weight, bias, min_rows, max_rows))
             copy_location_meta(node, call)
             call.meta["example_value"] = fake_value(node)
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
             n, k = fake_value(weight).shape
-            result.rewrites.append(Rewrite(KIND, layer, f"fp32 {n}x{k}: calls of {min_rows}-{DEFAULT_NATIVE_ROWS} "
+            result.rewrites.append(Rewrite(KIND, layer, f"fp32 {n}x{k}: calls of {min_rows}-{max_rows} "
                                            "rows run llmopt's C kernel, others F.linear", impl="native"))
         return result
 

@@ -93,6 +93,7 @@ def test_default_rows_and_blocking_follow_the_cpu_vendor(monkeypatch, tmp_path, 
                                                                             *a, **k))
     assert dl.default_min_rows() == rows
     assert dl.default_blocking() == ("narrow" if vendor == "GenuineIntel" else "wide")
+    assert dl.default_max_rows() == (8 if vendor == "GenuineIntel" else 16)
 
 
 @needs_native

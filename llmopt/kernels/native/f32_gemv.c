@@ -1,5 +1,5 @@
 /* fp32 matrix-vector products for CPU decode: out[m, n] = sum_k x[m, k] * W[n, k]
- * for a few activation rows (llmopt::dense_linear sends 1-8, or 3-8 on Intel CPUs),
+ * for a few activation rows (llmopt::dense_linear sends 1-16, or 3-8 on Intel CPUs),
  * W (n, k) row-major.
  *
  * Why not PyTorch's F.linear: a decode step of an fp32 model is one pass over
