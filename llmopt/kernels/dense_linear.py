@@ -119,14 +119,19 @@ def _dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, min_
             or weight.dtype != torch.float32 or not x.is_cpu or not weight.is_cpu
             or not weight.is_contiguous() or weight.shape[1] != k):
         return F.linear(x, weight, bias)
-    x2 = x if x.is_contiguous() else x.contiguous()
-    n = weight.shape[0]
-    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
     _CALLS[0] += 1
-    if fn(x2.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k) != 0:
-        raise ValueError(f"llmopt::dense_linear: the native kernel rejected rows={rows}, N={n}, K={k}")
+    out = _run_kernel(fn, x if x.is_contiguous() else x.contiguous(), weight, rows)
     if bias is not None:
         out.add_(bias)
+    return out
+
+
+def _run_kernel(fn, x: Tensor, weight: Tensor, rows: int) -> Tensor:
+    """``x @ weight.T`` by the C function ``fn``; x contiguous with ``rows`` rows of K."""
+    n, k = weight.shape
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    if fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k) != 0:
+        raise ValueError(f"llmopt::dense_linear: the native kernel rejected rows={rows}, N={n}, K={k}")
     return out
 
 
@@ -142,10 +147,7 @@ def native_dense_linear(x: Tensor, weight: Tensor, blocking: Optional[str] = Non
             or not weight.is_contiguous()):
         raise ValueError("native_dense_linear takes contiguous fp32 CPU tensors x (m, k) and weight (n, k); got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-    if fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1]) != 0:
-        raise ValueError(f"llmopt::dense_linear: the native kernel rejected {tuple(x.shape)} x {tuple(weight.shape)}")
-    return out
+    return _run_kernel(fn, x, weight, x.shape[0])
 
 
 _LIB = torch.library.Library("llmopt", "FRAGMENT")
